@@ -11,7 +11,7 @@ PORT ?= $(or $(BENTOML_PORT),3000)
 # uv does not read pip's config: pass on pip's find-links (where a local torch build may live).
 export UV_FIND_LINKS ?= $(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
 
-.PHONY: install model serve test lint lock clean
+.PHONY: install model serve test lint lock docs clean
 
 install: $(STAMP)
 
@@ -40,6 +40,10 @@ test: model
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+# Regenerate the README's configuration table from loraswap.config.Settings.
+docs: $(STAMP)
+	$(VENV)/bin/loraswap config --write-readme README.md
 
 # Re-resolve the pinned lock files (needs the package index; commit the result).
 lock: | $(UV)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import bentoml
 
-from loraswap.config import get_settings
+from loraswap import metrics
+from loraswap.config import configure_logging, get_settings
 from loraswap.engine import Engine
 from loraswap.model_import import base_model_reference, resolved_model_path
 from loraswap.openai_api import attach_engine, create_app
+from loraswap.registry import AdapterRegistry
 
+configure_logging()
 settings = get_settings()
 openai_app = create_app()
 
@@ -24,15 +27,26 @@ class LoRASwap:
     base_model = base_model_reference(settings.base_model, settings.base_model_revision)
 
     def __init__(self) -> None:
-        self.engine = Engine(settings, resolved_model_path(self.base_model))
+        self.model_path = resolved_model_path(self.base_model)
+        self.engine = Engine(settings, self.model_path)
+        self.registry: AdapterRegistry | None = None
 
     @bentoml.on_startup
     async def start_engine(self) -> None:
         client = await self.engine.start()
+        client.generate = metrics.count_tokens(client.generate, metrics.record_tokens)
         await attach_engine(openai_app, client, self.engine.args)
+        if settings.enable_lora:
+            self.registry = AdapterRegistry(
+                settings, self.model_path, client, openai_app.state.openai_serving_models
+            )
+            await self.registry.restore()
+            openai_app.state.registry = self.registry
 
     @bentoml.on_shutdown
     async def stop_engine(self) -> None:
+        if self.registry is not None:
+            await self.registry.close()
         await self.engine.stop()
 
     async def __is_ready__(self) -> bool:

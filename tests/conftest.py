@@ -1,17 +1,83 @@
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import bentoml
+import httpx
 import pytest
 from openai import OpenAI
 
-from tests.server import Server
+from loraswap.adapter_validation import BaseModelShapes
+from tests.server import ROOT, Server, free_port
 
 BASE_MODEL = "smollm2-135m-instruct"
+SHIPPED = ROOT / "adapters"
 
 
 @pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory):
+def base_model_dir() -> Path:
+    return Path(bentoml.models.get(f"{BASE_MODEL}:latest").path)
+
+
+@pytest.fixture(scope="session")
+def base_shapes(base_model_dir: Path) -> BaseModelShapes:
+    return BaseModelShapes.from_checkpoint(base_model_dir)
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory):
+    """A local S3-compatible server (moto) on loopback, with one bucket."""
+    port = free_port()
+    log = (tmp_path_factory.mktemp("s3") / "moto.log").open("wb")
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            httpx.get(endpoint, timeout=1)
+            break
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    options = {"key": "test", "secret": "test", "client_kwargs": {"endpoint_url": endpoint}}
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**options)
+    fs.mkdir("loraswap-test")
+    yield {"endpoint": endpoint, "options": options, "fs": fs, "bucket": "loraswap-test"}
+    proc.terminate()
+    proc.wait(timeout=30)
+    log.close()
+
+
+@pytest.fixture(scope="session")
+def adapter_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An extra adapter root for adapters the tests write."""
+    return tmp_path_factory.mktemp("adapter-root")
+
+
+def server_env(adapter_root: Path, state_dir: Path, s3: dict, **extra: str) -> dict[str, str]:
+    return {
+        "LORASWAP_ADAPTER_ROOTS": json.dumps([str(SHIPPED), str(adapter_root)]),
+        "LORASWAP_REGISTRY_URI": str(state_dir / "registry.json"),
+        "LORASWAP_ADAPTER_CACHE_DIR": str(state_dir / "cache"),
+        "LORASWAP_FSSPEC_STORAGE_OPTIONS": json.dumps(s3["options"]),
+        **extra,
+    }
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory, adapter_root: Path, s3: dict):
     """The real server (vLLM CPU engine, default model), started once per test session."""
-    srv = Server(tmp_path_factory.mktemp("server") / "serve.log").start()
+    state = tmp_path_factory.mktemp("server")
+    srv = Server(state / "serve.log", env=server_env(adapter_root, state, s3)).start()
     yield srv
     left = srv.stop()
     assert not left, f"processes left after SIGTERM: {[p.pid for p in left]}"
@@ -20,3 +86,8 @@ def server(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def client(server: Server) -> OpenAI:
     return OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def copy_adapter(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+    return dst

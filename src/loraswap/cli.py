@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .config import Settings
 
@@ -41,8 +42,23 @@ def cmd_import_model(ns: argparse.Namespace) -> int:
     return 0
 
 
+def write_readme_table(readme: Path) -> bool:
+    """Replace the table between the README's config-table markers; True if it changed."""
+    text = readme.read_text()
+    start, end = "<!-- config-table:start -->", "<!-- config-table:end -->"
+    head, _, rest = text.partition(start)
+    _, _, tail = rest.partition(end)
+    updated = f"{head}{start}\n{settings_table()}\n{end}{tail}"
+    if updated != text:
+        readme.write_text(updated)
+    return updated != text
+
+
 def cmd_config(ns: argparse.Namespace) -> int:
-    if ns.markdown:
+    if ns.write_readme:
+        changed = write_readme_table(Path(ns.write_readme))
+        print(f"{ns.write_readme}: {'updated' if changed else 'already in step'}")
+    elif ns.markdown:
         print(settings_table())
     else:
         print(Settings().model_dump_json(indent=2))
@@ -74,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cfg = sub.add_parser("config", help="show the effective configuration")
     cfg.add_argument("--markdown", action="store_true", help="print the README table instead")
+    cfg.add_argument("--write-readme", metavar="README", help="rewrite the table in README")
     cfg.set_defaults(func=cmd_config)
     return parser
 

