@@ -348,3 +348,22 @@ def test_mixed_batch_matches_solo_outputs_after_all_slots_were_used(server, clie
             if out != expected[job]
         ]
         assert not wrong, f"{len(wrong)} of {len(jobs)} differ from solo: {wrong[:3]}"
+
+
+def test_cli_manages_adapters_over_the_api(server):
+    import subprocess
+    import sys
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "loraswap", "adapters", "--url", server.url, *args],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+
+    assert cli("register", "cli-made", str(SHIPPED / "uppercase")).returncode == 0
+    listing = cli("list")
+    assert listing.returncode == 0 and "cli-made" in listing.stdout and "v1*" in listing.stdout
+    bad = cli("register", "cli-bad", "/etc")
+    assert bad.returncode == 1 and "outside the adapter roots" in bad.stderr
+    assert cli("delete", "cli-made").returncode == 0
+    assert "cli-made" not in cli("list").stdout

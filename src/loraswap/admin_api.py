@@ -166,15 +166,17 @@ def build_router() -> APIRouter:
         """The base model, every adapter alias and every adapter version (``parent`` = base)."""
         from vllm.entrypoints.serve.engine.protocol import ModelCard, ModelPermission
 
-        registry = registry_of(request)
-        listing = await registry.serving_models.show_available_models()
+        serving_models = getattr(request.app.state, "openai_serving_models", None)
+        if serving_models is None:
+            raise AdapterError(503, "the engine is still starting", "ServiceUnavailableError", None)
+        listing = await serving_models.show_available_models()
         cards = {card.id: card for card in listing.data}
-        for model_id, key in registry.servable_names():
+        registry: AdapterRegistry | None = request.app.state.registry
+        for model_id, key in registry.servable_names() if registry else []:
             if model_id not in cards:
-                lora = registry.serving_models.lora_requests[key]
                 cards[model_id] = ModelCard(
                     id=model_id,
-                    root=lora.path,
+                    root=serving_models.lora_requests[key].path,
                     parent=registry.base_name,
                     permission=[ModelPermission()],
                 )

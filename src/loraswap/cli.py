@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -65,6 +66,76 @@ def cmd_config(ns: argparse.Namespace) -> int:
     return 0
 
 
+def default_url() -> str:
+    return f"http://127.0.0.1:{os.environ.get('BENTOML_PORT', '3000')}"
+
+
+def cmd_adapters(ns: argparse.Namespace) -> int:
+    """``loraswap adapters ...``: a thin client of the server's /admin/adapters API."""
+    import httpx
+
+    name = getattr(ns, "name", None)
+    calls = {
+        "list": ("GET", "/admin/adapters", None),
+        "show": ("GET", f"/admin/adapters/{name}", None),
+        "register": (
+            "POST",
+            "/admin/adapters",
+            {
+                "name": name,
+                "source": getattr(ns, "source", None),
+                "version": getattr(ns, "version", None),
+                "promote": not getattr(ns, "no_promote", False),
+                "load": getattr(ns, "load", False),
+                "pin": getattr(ns, "pin", False),
+            },
+        ),
+        "delete": (
+            "DELETE",
+            f"/admin/adapters/{name}"
+            + (f"/versions/{ns.version}" if getattr(ns, "version", None) else ""),
+            None,
+        ),
+        "pin": ("POST", f"/admin/adapters/{name}/pin", None),
+        "unpin": ("POST", f"/admin/adapters/{name}/unpin", None),
+        "alias": (
+            "PUT",
+            f"/admin/adapters/{name}/alias",
+            {
+                "version": getattr(ns, "version", None),
+                "canary_version": getattr(ns, "canary", None),
+                "canary_weight": getattr(ns, "weight", 0.0),
+            },
+        ),
+    }
+    method, path, body = calls[ns.action]
+    try:
+        resp = httpx.request(method, ns.url.rstrip("/") + path, json=body, timeout=600)
+    except httpx.HTTPError as exc:
+        print(f"error: cannot reach {ns.url}: {exc}", file=sys.stderr)
+        return 1
+    try:
+        payload = resp.json()
+    except ValueError:
+        payload = resp.text
+    if resp.status_code >= 400:
+        message = payload["error"]["message"] if isinstance(payload, dict) else payload
+        print(f"error ({resp.status_code}): {message}", file=sys.stderr)
+        return 1
+    if ns.action == "list" and not ns.json:
+        print(f"{'ADAPTER':24} {'VERSION':10} {'STATUS':10} {'RANK':>4} {'REQUESTS':>8}  SOURCE")
+        for adapter in payload["data"]:
+            for v in adapter["versions"]:
+                marker = "*" if v["version"] == adapter["alias"]["version"] else " "
+                print(
+                    f"{adapter['name']:24} {v['version'] + marker:10} {v['status']:10} "
+                    f"{v['rank']:>4} {v['requests']:>8}  {v['source']}"
+                )
+    else:
+        print(json.dumps(payload, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraswap", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -87,6 +158,31 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--revision", help="hub revision (branch, tag or commit)")
     imp.add_argument("--force", action="store_true", help="re-import even if already present")
     imp.set_defaults(func=cmd_import_model)
+
+    ada = sub.add_parser("adapters", help="manage a running server's adapters")
+    ada.add_argument("--url", default=default_url(), help="server URL (default: %(default)s)")
+    acts = ada.add_subparsers(dest="action", required=True)
+    lst = acts.add_parser("list", help="adapters, versions (* = alias target), status")
+    lst.add_argument("--json", action="store_true")
+    acts.add_parser("show").add_argument("name")
+    reg = acts.add_parser("register", help="validate and add a version")
+    reg.add_argument("name")
+    reg.add_argument("source", help="adapters/<dir>, bentoml://tag, hf://org/name@rev, s3://...")
+    reg.add_argument("--version")
+    reg.add_argument("--no-promote", action="store_true", help="keep the alias where it is")
+    reg.add_argument("--load", action="store_true", help="load into the engine now")
+    reg.add_argument("--pin", action="store_true", help="never evict")
+    dele = acts.add_parser("delete", help="remove an adapter, or one --version of it")
+    dele.add_argument("name")
+    dele.add_argument("--version")
+    acts.add_parser("pin").add_argument("name")
+    acts.add_parser("unpin").add_argument("name")
+    ali = acts.add_parser("alias", help="point NAME at VERSION, optionally with a canary")
+    ali.add_argument("name")
+    ali.add_argument("version")
+    ali.add_argument("--canary", help="second version taking --weight of the traffic")
+    ali.add_argument("--weight", type=float, default=0.0)
+    ada.set_defaults(func=cmd_adapters)
 
     cfg = sub.add_parser("config", help="show the effective configuration")
     cfg.add_argument("--markdown", action="store_true", help="print the README table instead")

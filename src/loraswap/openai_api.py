@@ -22,7 +22,12 @@ def create_app() -> FastAPI:
 
     from . import admin_api
 
-    app = FastAPI(title="loraswap OpenAI-compatible API", docs_url=None, redoc_url=None)
+    app = FastAPI(
+        title="loraswap OpenAI-compatible API",
+        docs_url="/v1/docs",
+        openapi_url="/v1/openapi.json",
+        redoc_url=None,
+    )
     app.state.registry = None
     init_exception_handler(app)
     admin_api.install(app)
