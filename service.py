@@ -5,6 +5,8 @@ from __future__ import annotations
 import bentoml
 
 from loraswap import metrics
+from loraswap.access import AccessMiddleware
+from loraswap.batches import BatchRunner
 from loraswap.config import configure_logging, get_settings
 from loraswap.engine import Engine
 from loraswap.model_import import base_model_reference, resolved_model_path
@@ -13,7 +15,7 @@ from loraswap.registry import AdapterRegistry
 
 configure_logging()
 settings = get_settings()
-openai_app = create_app()
+openai_app = create_app(settings)
 
 
 @bentoml.asgi_app(openai_app, path="/")
@@ -24,12 +26,15 @@ openai_app = create_app()
     resources={"cpu": "2"},
 )
 class LoRASwap:
+    """Base model + hot-swappable LoRA adapters behind OpenAI and native routes."""
+
     base_model = base_model_reference(settings.base_model, settings.base_model_revision)
 
     def __init__(self) -> None:
         self.model_path = resolved_model_path(self.base_model)
         self.engine = Engine(settings, self.model_path)
         self.registry: AdapterRegistry | None = None
+        self.batches: BatchRunner | None = None
 
     @bentoml.on_startup
     async def start_engine(self) -> None:
@@ -42,9 +47,14 @@ class LoRASwap:
             )
             await self.registry.restore()
             openai_app.state.registry = self.registry
+        self.batches = BatchRunner(openai_app.state, settings.state_dir, settings.batch_concurrency)
+        openai_app.state.batches = self.batches
+        self.batches.resume()
 
     @bentoml.on_shutdown
     async def stop_engine(self) -> None:
+        if self.batches is not None:
+            await self.batches.close()
         if self.registry is not None:
             await self.registry.close()
         await self.engine.stop()
@@ -55,3 +65,6 @@ class LoRASwap:
     def __is_alive__(self) -> bool:
         """A dead engine never recovers in-process: let the orchestrator restart us."""
         return not self.engine.dead
+
+
+LoRASwap.add_asgi_middleware(AccessMiddleware, settings=settings)

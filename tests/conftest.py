@@ -68,6 +68,7 @@ def server_env(adapter_root: Path, state_dir: Path, s3: dict, **extra: str) -> d
         "LORASWAP_ADAPTER_ROOTS": json.dumps([str(SHIPPED), str(adapter_root)]),
         "LORASWAP_REGISTRY_URI": str(state_dir / "registry.json"),
         "LORASWAP_ADAPTER_CACHE_DIR": str(state_dir / "cache"),
+        "LORASWAP_STATE_DIR": str(state_dir / "state"),
         "LORASWAP_FSSPEC_STORAGE_OPTIONS": json.dumps(s3["options"]),
         **extra,
     }

@@ -28,20 +28,6 @@ def wait_status(url: str, status: int, timeout: float = 60) -> int:
     return code
 
 
-def test_dead_engine_is_not_ready_and_sigterm_leaves_nothing(tmp_path):
-    srv = Server(tmp_path / "serve.log").start()
-    try:
-        engine = srv.engine_core()
-        engine.kill()
-        assert wait_status(f"{srv.url}/readyz", 503) == 503, srv.log_tail()
-        assert wait_status(f"{srv.url}/livez", 503) == 503, srv.log_tail()
-        srv.signal(signal.SIGTERM)
-        left = srv.wait_gone()
-        assert not left, f"left after SIGTERM: {[(p.pid, p.name()) for p in left]}"
-    finally:
-        srv.stop()
-
-
 def test_registry_survives_restart_replicas_agree_and_ctrl_c_leaves_nothing(
     tmp_path, s3, adapter_root
 ):

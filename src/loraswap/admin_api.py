@@ -14,7 +14,13 @@ from .registry import AdapterError, AdapterRegistry, dumps_error
 
 # Routes whose JSON body carries an OpenAI `model` field naming the base model or an adapter.
 MODEL_ROUTES = frozenset(
-    {"/v1/chat/completions", "/v1/completions", "/v1/responses", "/tokenize", "/detokenize"}
+    {
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/responses",
+        "/tokenize",
+        "/detokenize",
+    }
 )
 MAX_BODY_BYTES = 64 << 20
 
@@ -44,8 +50,7 @@ class ModelRoutingMiddleware:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         registry = getattr(self.state_app.state, "registry", None)
         if (
-            registry is None
-            or scope["type"] != "http"
+            scope["type"] != "http"
             or scope["method"] != "POST"
             or scope["path"] not in MODEL_ROUTES
         ):
@@ -70,7 +75,15 @@ class ModelRoutingMiddleware:
             payload = json.loads(body)
         except (ValueError, UnicodeDecodeError):
             payload = None  # vLLM answers malformed JSON itself
-        if isinstance(payload, dict) and isinstance(payload.get("model"), str):
+        limit = self.state_app.state.settings.max_tokens_limit
+        if limit is not None and isinstance(payload, dict):
+            for field in ("max_tokens", "max_completion_tokens"):
+                asked = payload.get(field)
+                if isinstance(asked, int) and asked > limit:
+                    message = f"{field} is {asked}; this server allows at most {limit}"
+                    await self._error(send, 400, message, "BadRequestError", field)
+                    return
+        if registry and isinstance(payload, dict) and isinstance(payload.get("model"), str):
             key = registry.resolve(payload["model"])
         if key is not None:
             try:

@@ -9,10 +9,10 @@ import logging
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 
@@ -109,7 +109,40 @@ class Settings(BaseSettings):
     max_concurrency: int = Field(
         256, gt=0, description="Requests served at once before BentoML answers 429."
     )
+    max_concurrent_requests: int = Field(
+        64, ge=1, description="Inference requests in flight before answering 429 with Retry-After."
+    )
+    retry_after_s: int = Field(1, ge=0, description="`Retry-After` seconds sent with a 429.")
+    max_tokens_limit: int | None = Field(
+        None,
+        ge=1,
+        description="Largest `max_tokens` a request may ask for (unset: context length).",
+    )
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Bearer keys for `/v1` and native routes (comma-separated); empty: open.",
+    )
+    admin_api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Bearer keys for adapter management (default: the API keys).",
+    )
+    auth_health_routes: bool = Field(False, description="Require an API key on /livez, /readyz.")
+    auth_metrics_route: bool = Field(False, description="Require an API key on /metrics.")
+    state_dir: Path = Field(
+        Path(".loraswap"), description="Batch API jobs (SQLite) and files are kept here."
+    )
+    batch_concurrency: int = Field(
+        4, ge=1, description="Requests one batch job keeps in flight (interactive traffic first)."
+    )
+    max_batch_size: int = Field(64, ge=1, description="Most requests in one `/generate_batch`.")
     log_requests: bool = Field(False, description="Log each request's prompt and parameters.")
+
+    @field_validator("api_keys", "admin_api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value
 
     @field_validator("cpu_threads_bind")
     @classmethod

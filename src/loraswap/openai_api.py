@@ -6,13 +6,15 @@ from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 
+from .config import Settings
+
 if TYPE_CHECKING:
     from argparse import Namespace
 
     from vllm.engine.protocol import EngineClient
 
 
-def create_app() -> FastAPI:
+def create_app(settings: Settings) -> FastAPI:
     """The ASGI app BentoML mounts at ``/``; vLLM's routes carry their own ``/v1`` prefix.
 
     vLLM's exception handlers are installed now, before the first request freezes the
@@ -20,7 +22,8 @@ def create_app() -> FastAPI:
     """
     from vllm.entrypoints.serve.exception_handling.register import init_exception_handler
 
-    from . import admin_api
+    from . import admin_api, batches
+    from .native.router import router as native_router
 
     app = FastAPI(
         title="loraswap OpenAI-compatible API",
@@ -29,8 +32,11 @@ def create_app() -> FastAPI:
         redoc_url=None,
     )
     app.state.registry = None
+    app.state.settings = settings
     init_exception_handler(app)
     admin_api.install(app)
+    app.include_router(native_router)
+    app.include_router(batches.router)
     return app
 
 

@@ -1,0 +1,1 @@
+"""Native endpoints: plain generate, SSE streaming, WebSocket and batched generation."""

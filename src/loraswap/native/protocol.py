@@ -1,0 +1,98 @@
+"""Request and response schemas of the native endpoints (validated by pydantic)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+CHAT_EXAMPLE = {
+    "model": "smollm2-135m-instruct",
+    "messages": [{"role": "user", "content": "What is the capital of France?"}],
+    "max_tokens": 32,
+    "temperature": 0,
+}
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class GenerateRequest(BaseModel):
+    """One generation: ``prompt`` (raw completion) or ``messages`` (chat template applied)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [CHAT_EXAMPLE]})
+
+    model: str = Field(description="base model, adapter alias, or adapter@version")
+    prompt: str | None = Field(None, description="raw prompt; exclusive with messages")
+    messages: list[Message] | None = Field(None, min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    repetition_penalty: float | None = Field(None, gt=0, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    n: int = Field(1, ge=1, le=8)
+
+    @model_validator(mode="after")
+    def _one_input(self) -> GenerateRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of `prompt` or `messages`")
+        return self
+
+    def openai_body(self, model: str, stream: bool) -> dict[str, Any]:
+        """The equivalent OpenAI chat/completions body for vLLM's serving layer."""
+        body = self.model_dump(exclude_none=True, exclude={"model"})
+        body["model"] = model
+        if stream:
+            body["stream"] = True
+            body["stream_options"] = {"include_usage": True}
+        return body
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Choice(BaseModel):
+    index: int
+    text: str
+    finish_reason: str | None
+
+
+class GenerateResponse(BaseModel):
+    text: str = Field(description="the first choice's text")
+    model: str = Field(description="what served it (adapter@version for adapters)")
+    finish_reason: str | None
+    usage: Usage
+    choices: list[Choice]
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int
+
+
+class ErrorResult(BaseModel):
+    error: ErrorBody
+
+
+class BatchRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"requests": [CHAT_EXAMPLE]}]}
+    )
+    requests: list[dict[str, Any]] = Field(min_length=1, description="GenerateRequest objects")
+
+
+class BatchResponse(BaseModel):
+    results: list[GenerateResponse | ErrorResult]

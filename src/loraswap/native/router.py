@@ -1,0 +1,169 @@
+"""Native routes: `/generate`, `/generate_stream` (SSE), `/generate_batch`, `/ws/generate`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from .protocol import BatchRequest, BatchResponse, ErrorResult, GenerateRequest, GenerateResponse
+from .serving import NativeError, NativeServing
+
+ERRORS = {code: {"model": ErrorResult} for code in (400, 401, 404, 429, 503)}
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def serving(request: Request | WebSocket) -> NativeServing:
+    state = request.app.state
+    if getattr(state, "openai_serving_chat", None) is None:
+        raise NativeError.of(503, "the engine is still starting", "ServiceUnavailableError")
+    return NativeServing(state)
+
+
+def error_response(exc: NativeError) -> JSONResponse:
+    return JSONResponse(exc.result.model_dump(), status_code=exc.result.error.code)
+
+
+def sse(payload: Any, event: str | None = None) -> str:
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+router = APIRouter(tags=["Native"])
+
+
+@router.post("/generate", response_model=GenerateResponse, responses=ERRORS)
+async def generate(body: GenerateRequest, request: Request):
+    """Generate text for one prompt or chat; returns ``{text, model, finish_reason, usage}``."""
+    try:
+        return await serving(request).generate(body, request)
+    except NativeError as exc:
+        return error_response(exc)
+
+
+@router.post(
+    "/generate_stream",
+    responses={200: {"content": {"text/event-stream": {}}}, **ERRORS},
+)
+async def generate_stream(body: GenerateRequest, request: Request):
+    """Server-Sent Events: ``data: {text, index, model, finish_reason}`` per delta, then
+    ``data: {done: true, usage}`` and ``data: [DONE]``; a later failure is an ``error`` event."""
+    try:
+        events = serving(request).stream(body, request)
+        first = await anext(events)  # errors before the first byte are plain 4xx
+    except NativeError as exc:
+        return error_response(exc)
+    except StopAsyncIteration:
+        first, events = None, None
+
+    async def frames() -> AsyncIterator[str]:
+        try:
+            if first is not None:
+                yield sse(first, "error" if "error" in first else None)
+            if events is not None:
+                async for event in events:
+                    yield sse(event, "error" if "error" in event else None)
+            yield "data: [DONE]\n\n"
+        except NativeError as exc:
+            yield sse(exc.result.model_dump(), "error")
+        finally:
+            if events is not None:
+                await events.aclose()
+
+    return StreamingResponse(frames(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+@router.post("/generate_batch", response_model=BatchResponse, responses=ERRORS)
+async def generate_batch(body: BatchRequest, request: Request):
+    """Run every request at once (the engine batches them); one item's failure stays in its
+    slot. Results come back in input order."""
+    limit = request.app.state.settings.max_batch_size
+    if len(body.requests) > limit:
+        return error_response(
+            NativeError.of(400, f"a batch holds at most {limit} requests, got {len(body.requests)}",
+                           param="requests")
+        )  # fmt: skip
+    try:
+        native = serving(request)
+    except NativeError as exc:
+        return error_response(exc)
+
+    async def one(item: Any) -> GenerateResponse | ErrorResult:
+        try:
+            return await native.generate(native.parse(item))
+        except NativeError as exc:
+            return exc.result
+
+    return BatchResponse(results=list(await asyncio.gather(*(one(i) for i in body.requests))))
+
+
+@router.websocket("/ws/generate")
+async def ws_generate(ws: WebSocket) -> None:
+    """Send ``{id, ...GenerateRequest}`` (several at once); receive ``{id, text, ...}`` deltas and
+    ``{id, done: true, usage}``; send ``{cancel: id}`` to stop one."""
+    await ws.accept()
+    tasks: dict[str, asyncio.Task[None]] = {}
+    lock = asyncio.Lock()
+
+    async def send(message: dict) -> None:
+        async with lock:
+            await ws.send_json(message)
+
+    async def run(rid: str, req: GenerateRequest) -> None:
+        try:
+            async for event in serving(ws).stream(req):
+                await send({"id": rid, **event})
+        except NativeError as exc:
+            await send({"id": rid, **exc.result.model_dump()})
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await send({"id": rid, "cancelled": True, "done": True})
+            raise
+        finally:
+            tasks.pop(rid, None)
+
+    async def reject(rid: Any, message: str) -> None:
+        await send({"id": rid, **NativeError.of(400, message).result.model_dump()})
+
+    try:
+        while True:
+            try:
+                message = json.loads(await ws.receive_text())
+            except ValueError:
+                await reject(None, "each message must be a JSON object")
+                continue
+            if not isinstance(message, dict):
+                await reject(None, "each message must be a JSON object")
+                continue
+            if "cancel" in message:
+                task = tasks.get(str(message["cancel"]))
+                if task is None:
+                    await reject(message["cancel"], "no running request with that id")
+                else:
+                    task.cancel()
+                continue
+            rid = message.pop("id", None)
+            if not isinstance(rid, (str, int)) or isinstance(rid, bool):
+                await reject(rid, "every request needs an `id` (string or integer)")
+                continue
+            rid = str(rid)
+            if rid in tasks:
+                await reject(rid, "a request with this id is still running")
+                continue
+            try:
+                req = GenerateRequest.model_validate(message)
+            except ValueError as exc:
+                await reject(rid, str(exc))
+                continue
+            tasks[rid] = asyncio.create_task(run(rid, req))
+    except WebSocketDisconnect:
+        pass
+    finally:
+        for task in list(tasks.values()):
+            task.cancel()  # aborts the engine requests of a client that went away
+        await asyncio.gather(*tasks.values(), return_exceptions=True)
