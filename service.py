@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import bentoml
 
 from loraswap import metrics
@@ -14,7 +16,7 @@ from loraswap.openai_api import attach_engine, create_app
 from loraswap.registry import AdapterRegistry
 
 configure_logging()
-settings = get_settings()
+settings = get_settings().anchored(Path(__file__).resolve().parent)
 openai_app = create_app(settings)
 
 
@@ -46,6 +48,8 @@ class LoRASwap:
                 settings, self.model_path, client, openai_app.state.openai_serving_models
             )
             await self.registry.restore()
+            if settings.preload_adapters and settings.adapter_roots:
+                await self.registry.preload(settings.adapter_roots[0])
             openai_app.state.registry = self.registry
         self.batches = BatchRunner(openai_app.state, settings.state_dir, settings.batch_concurrency)
         openai_app.state.batches = self.batches

@@ -28,7 +28,14 @@ def free_port() -> int:
 class Server:
     """One ``bentoml serve service:LoRASwap`` in its own session, logging to a file."""
 
-    def __init__(self, log_path: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        target: str = "service:LoRASwap",
+        cwd: Path = ROOT,
+    ) -> None:
+        self.target, self.cwd = target, cwd
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -39,8 +46,8 @@ class Server:
     def start(self) -> Server:
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
-            [str(BENTOML), "serve", "service:LoRASwap", "--port", str(self.port)],
-            cwd=ROOT,
+            [str(BENTOML), "serve", self.target, "--port", str(self.port)],
+            cwd=self.cwd,
             env=self.env,
             stdout=self._log,
             stderr=subprocess.STDOUT,

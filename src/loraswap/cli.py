@@ -136,6 +136,27 @@ def cmd_adapters(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build_info(ns: argparse.Namespace) -> int:
+    """Print the Bento version or ``--label`` arguments for ``bentoml build``."""
+    from .build_info import bento_version, build_labels
+
+    root = Path(ns.root)
+    if ns.what == "version":
+        print(bento_version(root))
+        return 0
+    import bentoml
+
+    from .config import Settings
+
+    base = Settings().base_model
+    try:
+        tag = str(bentoml.models.get(base).tag)
+    except (bentoml.exceptions.NotFound, ValueError):
+        tag = base.replace("/", "--")  # a hub id or a path: pinned by HuggingFaceModel or not
+    print(" ".join(f"--label {k}={v}" for k, v in build_labels(root, ns.flavour, tag).items()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraswap", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -183,6 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
     ali.add_argument("--canary", help="second version taking --weight of the traffic")
     ali.add_argument("--weight", type=float, default=0.0)
     ada.set_defaults(func=cmd_adapters)
+
+    bld = sub.add_parser("build-info", help="Bento version or labels for `bentoml build`")
+    bld.add_argument("what", choices=["version", "labels"])
+    bld.add_argument("--flavour", choices=["cpu", "gpu"], default="cpu")
+    bld.add_argument("--root", default=".")
+    bld.set_defaults(func=cmd_build_info)
 
     cfg = sub.add_parser("config", help="show the effective configuration")
     cfg.add_argument("--markdown", action="store_true", help="print the README table instead")

@@ -81,6 +81,13 @@ class Settings(BaseSettings):
         description="Directories local adapters may be loaded from (JSON list).",
     )
 
+    preload_adapters: bool = Field(
+        True,
+        description=(
+            "At start, register every adapter directory of the first adapter root (the shipped "
+            "ones) under its directory name, unless that name is already registered."
+        ),
+    )
     registry_uri: str = Field(
         ".loraswap/registry.json",
         description=(
@@ -157,6 +164,11 @@ class Settings(BaseSettings):
         if self.enable_lora and self.max_cpu_loras < self.max_loras:
             raise ValueError("max_cpu_loras must be >= max_loras")
         return self
+
+    def anchored(self, base_dir: Path) -> Settings:
+        """Relative adapter roots point into the project (or Bento) holding ``base_dir``."""
+        roots = [r if r.is_absolute() else base_dir / r for r in self.adapter_roots]
+        return self.model_copy(update={"adapter_roots": roots})
 
     def omp_threads_bind(self) -> str:
         """The value for ``VLLM_CPU_OMP_THREADS_BIND``."""

@@ -199,6 +199,19 @@ class AdapterRegistry:
         if self.settings.registry_poll_s > 0:
             self._sync_task = asyncio.create_task(self._poll())
 
+    async def preload(self, root: Path) -> None:
+        """Register the adapters shipped in ``root`` (by directory name) that are not yet known."""
+        if not root.is_dir():
+            return
+        for directory in sorted(p for p in root.iterdir() if (p / "adapter_config.json").is_file()):
+            if directory.name in self.state.adapters:
+                continue
+            try:
+                await self.register(directory.name, str(directory.resolve()))
+                logger.info("registered shipped adapter %s", directory.name)
+            except AdapterError as exc:
+                logger.error("shipped adapter %s not registered: %s", directory.name, exc.message)
+
     async def close(self) -> None:
         if self._sync_task is not None:
             self._sync_task.cancel()
