@@ -51,9 +51,10 @@ bento-version: $(STAMP)
 
 build: model
 	rm -rf dist && $(UV) build --wheel -o dist
-	$(VENV)/bin/bentoml build -f $(BENTOFILE) \
-		--version $${BENTO_VERSION:-$$($(VENV)/bin/loraswap build-info version)} \
-		$$($(VENV)/bin/loraswap build-info labels --flavour $(FLAVOUR))
+	version=$${BENTO_VERSION:-$$($(VENV)/bin/loraswap build-info version)} && \
+	$(VENV)/bin/bentoml build -f $(BENTOFILE) --version $$version \
+		$$($(VENV)/bin/loraswap build-info labels --flavour $(FLAVOUR)) && \
+	$(VENV)/bin/loraswap tracking record loraswap:$$version
 
 # Regenerate the README's configuration table from loraswap.config.Settings.
 docs: $(STAMP)

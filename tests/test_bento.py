@@ -38,13 +38,19 @@ def test_version_is_deterministic_for_a_commit():
 
 
 @pytest.fixture(scope="module")
-def built():
+def tracking_uri(tmp_path_factory) -> str:
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
+
+
+@pytest.fixture(scope="module")
+def built(tracking_uri):
     """Both flavours built from this tree (unique versions), removed from the store after."""
     tag = f"test-{uuid.uuid4().hex[:8]}"
     bentos = {}
     for flavour in ("cpu", "gpu"):
         version = f"{tag}-{flavour}"
-        run("make", "build", f"FLAVOUR={flavour}", f"BENTO_VERSION={version}")
+        run("make", "build", f"FLAVOUR={flavour}", f"BENTO_VERSION={version}",
+            env={"LORASWAP_MLFLOW_TRACKING_URI": tracking_uri})  # fmt: skip
         path = Path(run(BENTOML, "get", f"loraswap:{version}", "-o", "path").stdout.strip())
         bentos[flavour] = (f"loraswap:{version}", path)
     yield bentos
@@ -121,6 +127,21 @@ def test_exported_bento_serves_an_adapter_from_an_empty_store(built, tmp_path):
         assert body["model"] == "uppercase@v1" and text == text.upper() and text.strip()
     finally:
         assert not srv.stop(), "processes left after SIGTERM"
+
+
+def test_builds_are_recorded_in_mlflow(built, tracking_uri):
+    listing = run(
+        sys.executable, "-m", "loraswap", "tracking", "--tracking-uri", tracking_uri, "list",
+        "--json",
+    )  # fmt: skip
+    import json
+
+    rows = {row["bento"]: row for row in json.loads(listing.stdout)}
+    for flavour, (bento_tag, _) in built.items():
+        row = rows[bento_tag]
+        assert row["label.flavour"] == flavour and row["label.vllm-version"] == "0.32.0"
+        assert row["base_model"].startswith("smollm2-135m-instruct:")
+        assert set(json.loads(row["adapters"])) >= {"uppercase", "json"}
 
 
 def test_kubernetes_manifests_validate():

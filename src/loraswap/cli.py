@@ -157,6 +157,33 @@ def cmd_build_info(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tracking(ns: argparse.Namespace) -> int:
+    from .config import Settings
+
+    uri = ns.tracking_uri or Settings().mlflow_tracking_uri
+    try:
+        from . import tracking
+    except ImportError:  # pragma: no cover - mlflow is an optional extra
+        print("MLflow is not installed: pip install 'loraswap[mlflow]'", file=sys.stderr)
+        return 2
+    if ns.action == "record":
+        version = tracking.record_build(ns.bento, uri)
+        print(f"recorded {ns.bento} as {tracking.REGISTERED_MODEL} version {version} in {uri}")
+        return 0
+    rows = tracking.list_builds(uri)
+    if ns.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'VERSION':8} {'BENTO':40} {'FLAVOUR':8} {'VLLM':8} BASE MODEL / ADAPTERS")
+    for row in rows:
+        print(
+            f"{row['version']:8} {row.get('bento', ''):40} {row.get('label.flavour', ''):8} "
+            f"{row.get('label.vllm-version', ''):8} {row.get('base_model', '')} "
+            f"{row.get('adapters', '')}"
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraswap", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -210,6 +237,14 @@ def build_parser() -> argparse.ArgumentParser:
     bld.add_argument("--flavour", choices=["cpu", "gpu"], default="cpu")
     bld.add_argument("--root", default=".")
     bld.set_defaults(func=cmd_build_info)
+
+    trk = sub.add_parser("tracking", help="record built Bentos in MLflow; list them")
+    trk.add_argument("--tracking-uri", help="default: LORASWAP_MLFLOW_TRACKING_URI")
+    tacts = trk.add_subparsers(dest="action", required=True)
+    tacts.add_parser("record", help="record a built Bento").add_argument("bento")
+    tlist = tacts.add_parser("list", help="what has been built (and so can be deployed)")
+    tlist.add_argument("--json", action="store_true")
+    trk.set_defaults(func=cmd_tracking)
 
     cfg = sub.add_parser("config", help="show the effective configuration")
     cfg.add_argument("--markdown", action="store_true", help="print the README table instead")

@@ -142,6 +142,10 @@ class Settings(BaseSettings):
         4, ge=1, description="Requests one batch job keeps in flight (interactive traffic first)."
     )
     max_batch_size: int = Field(64, ge=1, description="Most requests in one `/generate_batch`.")
+    mlflow_tracking_uri: str = Field(
+        "sqlite:///.loraswap/mlflow.db",
+        description="MLflow registry where `make build` records each Bento (`loraswap tracking`).",
+    )
     log_requests: bool = Field(False, description="Log each request's prompt and parameters.")
 
     @field_validator("api_keys", "admin_api_keys", mode="before")
