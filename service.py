@@ -10,7 +10,7 @@ from loraswap import metrics
 from loraswap.access import AccessMiddleware
 from loraswap.batches import BatchRunner
 from loraswap.config import configure_logging, get_settings
-from loraswap.engine import Engine
+from loraswap.engine import Engine, limit_prompt_tokens
 from loraswap.model_import import base_model_reference, resolved_model_path
 from loraswap.openai_api import attach_engine, create_app
 from loraswap.registry import AdapterRegistry
@@ -42,6 +42,8 @@ class LoRASwap:
     async def start_engine(self) -> None:
         client = await self.engine.start()
         client.generate = metrics.count_tokens(client.generate, metrics.record_tokens)
+        if settings.max_prompt_tokens is not None:
+            client.generate = limit_prompt_tokens(client.generate, settings.max_prompt_tokens)
         await attach_engine(openai_app, client, self.engine.args)
         if settings.enable_lora:
             self.registry = AdapterRegistry(

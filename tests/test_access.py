@@ -34,6 +34,7 @@ def locked(tmp_path_factory, adapter_root, s3):
         LORASWAP_MAX_CONCURRENT_REQUESTS="2",
         LORASWAP_RETRY_AFTER_S="3",
         LORASWAP_MAX_TOKENS_LIMIT="64",
+        LORASWAP_MAX_PROMPT_TOKENS="200",
     )  # fmt: skip
     srv = Server(state / "serve.log", env=env).start()
     yield srv
@@ -92,6 +93,17 @@ def test_max_tokens_limit(locked):
     for path in ("/v1/chat/completions", "/generate"):
         resp = httpx.post(f"{locked.url}{path}", json=too_many, headers=auth(API_KEY), timeout=30)
         assert resp.status_code == 400 and "at most 64" in resp.json()["error"]["message"]
+
+
+def test_max_prompt_tokens(locked):
+    long = {**CHAT, "messages": [{"role": "user", "content": "hello " * 300}]}
+    for path in ("/v1/chat/completions", "/v1/completions", "/generate", "/generate_stream"):
+        body = long if path != "/v1/completions" else {**CHAT, "prompt": "hello " * 300}
+        if path == "/v1/completions":
+            body.pop("messages")
+        resp = httpx.post(f"{locked.url}{path}", json=body, headers=auth(API_KEY), timeout=60)
+        assert resp.status_code == 400, (path, resp.text)
+        assert "at most 200" in resp.json()["error"]["message"]
 
 
 def test_burst_beyond_the_limit_gets_429_with_retry_after(locked):

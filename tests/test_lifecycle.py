@@ -1,31 +1,19 @@
-"""Start, readiness, engine death and shutdown of a real server: nothing may be left running."""
+"""Restart, replicas and Ctrl-C on real servers: state survives, nothing is left running."""
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 
 import httpx
 import pytest
+from openai import OpenAI
 
 from tests.conftest import SHIPPED, server_env
 from tests.server import Server
 
 pytestmark = pytest.mark.engine
-
-
-def wait_status(url: str, status: int, timeout: float = 60) -> int:
-    deadline = time.monotonic() + timeout
-    code = -1
-    while time.monotonic() < deadline:
-        try:
-            code = httpx.get(url, timeout=5).status_code
-        except httpx.HTTPError:
-            code = -1
-        if code == status:
-            break
-        time.sleep(1)
-    return code
 
 
 def test_registry_survives_restart_replicas_agree_and_ctrl_c_leaves_nothing(
@@ -50,6 +38,7 @@ def test_registry_survives_restart_replicas_agree_and_ctrl_c_leaves_nothing(
         httpx.put(f"{first.url}/admin/adapters/persona/alias", json={"version": "v1"}, timeout=30)
         assert httpx.post(f"{first.url}/admin/adapters/persona/pin", timeout=60).status_code == 200
         answer_first = chat(first.url, "persona")
+        batch_id = finished_batch(first.url, tmp_path)
 
         second = Server(tmp_path / "second.log", env=env).start()
         info = httpx.get(f"{second.url}/admin/adapters/persona", timeout=30).json()
@@ -58,6 +47,8 @@ def test_registry_survives_restart_replicas_agree_and_ctrl_c_leaves_nothing(
         models = {m["id"] for m in httpx.get(f"{second.url}/v1/models", timeout=30).json()["data"]}
         assert {"persona", "persona@v1", "persona@v2"} <= models
         assert chat(second.url, "persona") == answer_first
+        restored = OpenAI(base_url=f"{second.url}/v1", api_key="x").batches.retrieve(batch_id)
+        assert restored.status == "completed" and restored.request_counts.completed == 1
         assert answer_first[0] == "persona@v1"
 
         httpx.put(f"{first.url}/admin/adapters/persona/alias", json={"version": "v2"}, timeout=30)
@@ -75,6 +66,23 @@ def test_registry_survives_restart_replicas_agree_and_ctrl_c_leaves_nothing(
         first.stop()
         if second is not None:
             assert not second.stop(), "processes left after SIGTERM"
+
+
+def finished_batch(url: str, tmp_path) -> str:
+    """A completed Batch API job (its state must survive a restart)."""
+    client = OpenAI(base_url=f"{url}/v1", api_key="x")
+    body = {"model": "persona", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+    path = tmp_path / "batch.jsonl"
+    path.write_text(json.dumps({"custom_id": "a", "method": "POST",
+                                "url": "/v1/chat/completions", "body": body}) + "\n")  # fmt: skip
+    uploaded = client.files.create(file=path.open("rb"), purpose="batch")
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                  completion_window="24h")  # fmt: skip
+    deadline = time.monotonic() + 120
+    while client.batches.retrieve(batch.id).status != "completed" and time.monotonic() < deadline:
+        time.sleep(1)
+    assert client.batches.retrieve(batch.id).status == "completed"
+    return batch.id
 
 
 def chat(url: str, model: str) -> tuple[str, str]:

@@ -281,8 +281,11 @@ class BatchRunner:
             line = {"id": request_id, "custom_id": item["custom_id"], "response": response,
                     "error": None}  # fmt: skip
             return True, json.dumps(line)
-        except NativeError as exc:
+        except Exception as exc:  # one line's failure never fails the job
             serving.record(key, ok=False)
+            if not isinstance(exc, NativeError):
+                logger.exception("batch line %s failed", item["custom_id"])
+                exc = NativeError.of(500, f"internal error: {exc}", "InternalServerError")
             error = exc.result.model_dump()
             response = {"status_code": error["error"]["code"], "request_id": request_id,
                         "body": error}  # fmt: skip

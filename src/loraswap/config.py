@@ -125,6 +125,9 @@ class Settings(BaseSettings):
         ge=1,
         description="Largest `max_tokens` a request may ask for (unset: context length).",
     )
+    max_prompt_tokens: int | None = Field(
+        None, ge=1, description="Longest prompt in tokens (unset: the context length)."
+    )
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Bearer keys for `/v1` and native routes (comma-separated); empty: open.",

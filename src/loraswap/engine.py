@@ -6,8 +6,9 @@ import logging
 import os
 import shlex
 from argparse import Namespace
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .config import Settings
 
@@ -59,6 +60,31 @@ def parse_engine_args(settings: Settings, model_path: str) -> Namespace:
     args = parser.parse_args(engine_cli_args(settings, model_path))
     validate_parsed_serve_args(args)
     return args
+
+
+def limit_prompt_tokens(
+    generate: Callable[..., AsyncIterator[Any]], limit: int
+) -> Callable[..., AsyncIterator[Any]]:
+    """Wrap ``EngineClient.generate`` to refuse prompts over ``limit`` tokens on every route.
+
+    The error is vLLM's own validation error, which its serving layer answers with a 400.
+    """
+    from vllm.exceptions import VLLMValidationError
+
+    async def guarded(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        prompt = args[0] if args else kwargs.get("prompt")
+        ids = prompt.get("prompt_token_ids") if isinstance(prompt, dict) else None
+        if ids is not None and len(ids) > limit:
+            raise VLLMValidationError(
+                f"the prompt has {len(ids)} tokens; this server accepts at most {limit} "
+                "(LORASWAP_MAX_PROMPT_TOKENS)",
+                parameter="input_tokens",
+                value=len(ids),
+            )
+        async for output in generate(*args, **kwargs):
+            yield output
+
+    return guarded
 
 
 def export_cpu_env(settings: Settings) -> None:

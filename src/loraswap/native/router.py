@@ -56,6 +56,9 @@ async def generate_stream(body: GenerateRequest, request: Request):
     try:
         events = serving(request).stream(body, request)
         first = await anext(events)  # errors before the first byte are plain 4xx
+        if "error" in first:
+            await events.aclose()
+            raise NativeError(ErrorResult.model_validate(first))
     except NativeError as exc:
         return error_response(exc)
     except StopAsyncIteration:

@@ -88,6 +88,10 @@ class NativeServing:
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
         from vllm.entrypoints.openai.completion.protocol import CompletionRequest
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+        from vllm.entrypoints.serve.exception_handling.error_response import (
+            create_error_response,
+        )
+        from vllm.exceptions import VLLMError
 
         try:
             if endpoint == "/v1/chat/completions":
@@ -102,8 +106,8 @@ class NativeServing:
                 raise NativeError.of(400, f"unsupported endpoint {endpoint!r}", param="url")
         except pydantic.ValidationError as exc:
             raise NativeError.of(400, validation_message(exc)) from None
-        except (ValueError, TypeError, OverflowError) as exc:  # vLLM's own request checks
-            raise NativeError.of(400, str(exc)) from None
+        except (VLLMError, ValueError, TypeError, OverflowError) as exc:  # vLLM's own checks
+            result = create_error_response(exc)  # vLLM's mapping of its errors to codes
         if isinstance(result, ErrorResponse):
             raise NativeError(ErrorResult.model_validate(result.model_dump()))
         return result
