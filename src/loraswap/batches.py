@@ -8,21 +8,20 @@ the background with bounded concurrency so interactive traffic keeps most of the
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
-import os
 import secrets
 import sqlite3
-import tempfile
 import time
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi import APIRouter, FastAPI, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 
+from .atomic import write_atomic
 from .native.serving import NativeError, NativeServing
+from .registry import dumps_error
 
 logger = logging.getLogger(__name__)
 
@@ -51,20 +50,6 @@ class BatchError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.param = status, message, param
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 class BatchStore:
@@ -327,16 +312,21 @@ def runner_of(request: Request) -> BatchRunner:
     return runner
 
 
-def error(exc: BatchError) -> JSONResponse:
-    return JSONResponse(
-        {"error": {"message": exc.message, "type": "BadRequestError" if exc.status == 400
-                   else "NotFoundError" if exc.status == 404 else "ServiceUnavailableError",
-                   "param": exc.param, "code": exc.status}},
-        status_code=exc.status,
-    )  # fmt: skip
+ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 503: "ServiceUnavailableError"}
+
+
+async def batch_error_handler(_: Request, exc: BatchError) -> JSONResponse:
+    body = dumps_error(exc.status, exc.message, ERROR_TYPES[exc.status], exc.param)
+    return JSONResponse(json.loads(body), status_code=exc.status)
 
 
 router = APIRouter(tags=["Batch API (OpenAI)"])
+
+
+def install(app: FastAPI) -> None:
+    """Add the Files and Batches routes and their OpenAI-shaped error handler to ``app``."""
+    app.include_router(router)
+    app.add_exception_handler(BatchError, batch_error_handler)
 
 
 @router.post("/v1/files")
@@ -344,49 +334,34 @@ async def upload_file(
     request: Request, file: Annotated[UploadFile, File()], purpose: Annotated[str, Form()]
 ):
     """Upload a JSONL batch input (``purpose=batch``), OpenAI Files API shape."""
-    try:
-        runner = runner_of(request)
-        if purpose != "batch":
-            raise BatchError(400, "only purpose=batch is supported", "purpose")
-        data = await file.read(MAX_FILE_BYTES + 1)
-        if len(data) > MAX_FILE_BYTES:
-            raise BatchError(400, f"files are limited to {MAX_FILE_BYTES} bytes", "file")
-        return runner.store.add_file(file.filename or "upload.jsonl", purpose, data)
-    except BatchError as exc:
-        return error(exc)
+    runner = runner_of(request)
+    if purpose != "batch":
+        raise BatchError(400, "only purpose=batch is supported", "purpose")
+    data = await file.read(MAX_FILE_BYTES + 1)
+    if len(data) > MAX_FILE_BYTES:
+        raise BatchError(400, f"files are limited to {MAX_FILE_BYTES} bytes", "file")
+    return runner.store.add_file(file.filename or "upload.jsonl", purpose, data)
 
 
 @router.get("/v1/files")
 async def list_files(request: Request):
-    try:
-        return {"object": "list", "data": runner_of(request).store.files(), "has_more": False}
-    except BatchError as exc:
-        return error(exc)
+    return {"object": "list", "data": runner_of(request).store.files(), "has_more": False}
 
 
 @router.get("/v1/files/{file_id}")
 async def retrieve_file(file_id: str, request: Request):
-    try:
-        return runner_of(request).store.file(file_id)
-    except BatchError as exc:
-        return error(exc)
+    return runner_of(request).store.file(file_id)
 
 
 @router.get("/v1/files/{file_id}/content")
 async def file_content(file_id: str, request: Request):
-    try:
-        data = runner_of(request).store.content(file_id)
-    except BatchError as exc:
-        return error(exc)
+    data = runner_of(request).store.content(file_id)
     return Response(data, media_type="application/octet-stream")
 
 
 @router.delete("/v1/files/{file_id}")
 async def delete_file(file_id: str, request: Request):
-    try:
-        runner_of(request).store.delete_file(file_id)
-    except BatchError as exc:
-        return error(exc)
+    runner_of(request).store.delete_file(file_id)
     return {"id": file_id, "object": "file", "deleted": True}
 
 
@@ -396,34 +371,22 @@ async def create_batch(request: Request):
     try:
         body = await request.json()
     except ValueError:
-        return error(BatchError(400, "the body must be JSON"))
+        raise BatchError(400, "the body must be JSON") from None
     if not isinstance(body, dict):
-        return error(BatchError(400, "the body must be a JSON object"))
-    try:
-        return runner_of(request).create(body)
-    except BatchError as exc:
-        return error(exc)
+        raise BatchError(400, "the body must be a JSON object")
+    return runner_of(request).create(body)
 
 
 @router.get("/v1/batches")
 async def list_batches(request: Request):
-    try:
-        return {"object": "list", "data": runner_of(request).store.batches(), "has_more": False}
-    except BatchError as exc:
-        return error(exc)
+    return {"object": "list", "data": runner_of(request).store.batches(), "has_more": False}
 
 
 @router.get("/v1/batches/{batch_id}")
 async def retrieve_batch(batch_id: str, request: Request):
-    try:
-        return runner_of(request).store.batch(batch_id)
-    except BatchError as exc:
-        return error(exc)
+    return runner_of(request).store.batch(batch_id)
 
 
 @router.post("/v1/batches/{batch_id}/cancel")
 async def cancel_batch(batch_id: str, request: Request):
-    try:
-        return runner_of(request).cancel(batch_id)
-    except BatchError as exc:
-        return error(exc)
+    return runner_of(request).cancel(batch_id)

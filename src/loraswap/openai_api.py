@@ -36,7 +36,7 @@ def create_app(settings: Settings) -> FastAPI:
     init_exception_handler(app)
     admin_api.install(app)
     app.include_router(native_router)
-    app.include_router(batches.router)
+    batches.install(app)
     return app
 
 

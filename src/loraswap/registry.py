@@ -11,9 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import random
-import tempfile
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -25,6 +23,7 @@ from pydantic import BaseModel, Field
 from . import metrics
 from .adapter_sources import materialize
 from .adapter_validation import AdapterInvalid, BaseModelShapes, check_name, validate_adapter
+from .atomic import write_atomic
 from .config import Settings
 
 if TYPE_CHECKING:
@@ -107,17 +106,7 @@ class RegistryStore:
             return
         path = Path(self.uri.removeprefix("file://"))
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        write_atomic(path, data.encode())
 
 
 @dataclass
