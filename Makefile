@@ -14,7 +14,7 @@ PORT ?= $(or $(BENTOML_PORT),3000)
 # uv does not read pip's config: pass on pip's find-links (where a local torch build may live).
 export UV_FIND_LINKS ?= $(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
 
-.PHONY: install model serve test lint lock docs build bento-version clean
+.PHONY: install model serve test lint lock docs build bento-version bench bench-report clean
 
 install: $(STAMP)
 
@@ -55,6 +55,16 @@ build: model
 	$(VENV)/bin/bentoml build -f $(BENTOFILE) --version $$version \
 		$$($(VENV)/bin/loraswap build-info labels --flavour $(FLAVOUR)) && \
 	$(VENV)/bin/loraswap tracking record loraswap:$$version
+
+# Benchmarks side by side (see docs/benchmarks.md): about 35 min, plus the one-off llama.cpp build.
+# BENCH_ARGS e.g. "--systems loraswap,vllm --quick".
+bench: model
+	CMAKE_ARGS="-DGGML_NATIVE=ON" $(UV) pip install --python $(PY) -r requirements/bench.txt
+	$(PY) benchmarks/bench.py $(BENCH_ARGS)
+	$(PY) benchmarks/report.py
+
+bench-report: $(STAMP)
+	$(PY) benchmarks/report.py $(BENCH_RESULT)
 
 # Regenerate the README's configuration table from loraswap.config.Settings.
 docs: $(STAMP)

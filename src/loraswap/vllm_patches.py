@@ -7,6 +7,11 @@ LoRA slot has held an adapter, base-model rows that share a batch with adapter r
 adapter's delta. :func:`apply` swaps in versions that select with the index clamped at 0 and zero
 the rows whose index is negative. Everything else (shapes, dtypes, in-place writes) is unchanged.
 
+The replacements are also faster: they group rows by adapter slot (one matmul per adapter in
+the batch instead of a gathered weight copy and a matmul per token), skip the work entirely when
+no row has an adapter (base-only traffic with LoRA enabled), and skip slots whose weights are
+zero (modules an adapter does not target).
+
 vLLM runs general plugins in the API process, the EngineCore process and every worker, so the
 fix reaches the processes that actually run the model. Set ``LORASWAP_PATCH_LORA_OPS=0`` to
 turn it off. This module imports nothing heavy until :func:`apply` runs.
@@ -49,13 +54,76 @@ def _enabled() -> bool:
     return os.environ.get(ENV_VAR, "1").strip().lower() not in {"0", "false", "no", "off"}
 
 
-def _select(weights: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gather one weight slot per row without letting ``-1`` wrap to the last slot.
+# Per-token adapter indices seen recently → [(slot, rows)], keyed by their bytes: a decode step
+# calls the ops ~14 times per layer with the same indices, so grouping is worked out once.
+_GROUPS: dict[tuple[str, bytes], list[tuple[int, torch.Tensor | None]]] = {}
+# (weights storage, in-place version, shape, slot) → whether that slot holds a non-zero matrix.
+# vLLM wraps every linear layer; an adapter that targets only attention leaves the MLP slots
+# zero, and their two matmuls per layer can be skipped. Loading or clearing a slot writes into
+# the stacked tensor in place, which bumps ``_version`` and so misses this cache.
+_LIVE: dict[tuple[int, int, tuple[int, ...], int], bool] = {}
+_CACHE_LIMIT = 4096
 
-    Returns the selected weights (slot 0 stands in for "no adapter") and a ``[rows, 1]`` mask
-    that is True where the row has no adapter, so its output can be zeroed.
+
+def _groups(indices: torch.Tensor) -> list[tuple[int, torch.Tensor | None]]:
+    """The adapter slots used by ``indices`` and their rows (``None``: every row).
+
+    Negative indices mean "no adapter" and belong to no group, so index -1 can never read the
+    last slot (the upstream bug).
     """
-    return weights[indices.clamp_min(0)], (indices < 0).unsqueeze(-1)
+    key = (str(indices.dtype), indices.cpu().numpy().tobytes())
+    groups = _GROUPS.get(key)
+    if groups is None:
+        import torch
+
+        slots = sorted({i for i in indices.tolist() if i >= 0})
+        if len(slots) == 1 and bool((indices == slots[0]).all()):
+            groups = [(slots[0], None)]
+        else:
+            groups = [(s, torch.nonzero(indices == s).squeeze(1)) for s in slots]
+        if len(_GROUPS) >= _CACHE_LIMIT:
+            _GROUPS.clear()
+        _GROUPS[key] = groups
+    return groups
+
+
+def _live(weights: torch.Tensor, slot: int) -> bool:
+    key = (weights.untyped_storage().data_ptr(), weights._version, tuple(weights.shape), slot)
+    live = _LIVE.get(key)
+    if live is None:
+        if len(_LIVE) >= _CACHE_LIMIT:
+            _LIVE.clear()
+        live = _LIVE[key] = bool(weights[slot].any())
+    return live
+
+
+def _lora_matmul(
+    inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor | None:
+    """``inputs[r] @ weights[indices[r]].T`` for every row, computed one adapter slot at a time.
+
+    vLLM's version gathers a full copy of the weights for every token and runs one tiny matmul
+    per token; grouping rows by slot needs one matmul per adapter in the batch and no copy.
+    Rows without an adapter (and slots holding zeros) come out as zero; ``None`` means every
+    row is zero, so callers can skip the write.
+    """
+    if weights.dim() == 4:
+        weights = weights.squeeze(1)
+    groups = [(slot, rows) for slot, rows in _groups(indices) if _live(weights, slot)]
+    if not groups:
+        return None
+    inputs = inputs.to(dtype=dtype)
+    if len(groups) == 1 and groups[0][1] is None:
+        return inputs @ weights[groups[0][0]].to(dtype=dtype).T
+    out = inputs.new_zeros((inputs.shape[0], weights.shape[-2]))
+    for slot, rows in groups:
+        selected = inputs if rows is None else inputs.index_select(0, rows)
+        product = selected @ weights[slot].to(dtype=dtype).T
+        if rows is None:
+            out.copy_(product)
+        else:
+            out.index_copy_(0, rows, product)
+    return out
 
 
 def bgmv_expand(
@@ -65,22 +133,18 @@ def bgmv_expand(
     lora_indices_tensor: torch.Tensor,
     add_inputs: bool = True,
 ):
-    """vLLM's ``bgmv_expand``, except rows with index -1 contribute zero."""
-    import torch
-
-    selected_loras, no_lora = _select(lora_b_weights, lora_indices_tensor)
-    selected_loras = selected_loras.to(dtype=output_tensor.dtype)
-    if len(selected_loras.shape) == 4:
-        selected_loras = selected_loras.squeeze(dim=1)
-    inputs = inputs.to(dtype=output_tensor.dtype)
-    outputs = torch.einsum("bi, boi -> bo", inputs, selected_loras).masked_fill(no_lora, 0)
+    """vLLM's ``bgmv_expand``: rows with index -1 contribute zero; grouped by adapter."""
+    outputs = _lora_matmul(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+    # LoRA adapter and model may add different amounts of padding to output
+    common_len = min(lora_b_weights.shape[-2], output_tensor.shape[1])
+    if outputs is None:
+        if not add_inputs:
+            output_tensor[:, :common_len] = 0
+        return
 
     limit = output_tensor.shape[0]
     if outputs.shape[0] == 1 and output_tensor.shape[0] != 1:
         limit = 1
-
-    # LoRA adapter and model may add different amounts of padding to output
-    common_len = min(outputs.shape[1], output_tensor.shape[1])
 
     if add_inputs:
         output_tensor[:, :common_len] += outputs[:limit, :common_len]
@@ -95,16 +159,11 @@ def bgmv_shrink(
     lora_indices_tensor: torch.Tensor,
     scaling: float = 1.0,
 ):
-    """vLLM's ``bgmv_shrink``, except rows with index -1 are written as zero."""
-    import torch
-
-    selected_loras, no_lora = _select(lora_b_weights, lora_indices_tensor)
-    selected_loras = selected_loras.to(dtype=output_tensor.dtype)
-    if len(selected_loras.shape) == 4:
-        selected_loras = selected_loras.squeeze(dim=1)
-    inputs = inputs.to(dtype=output_tensor.dtype)
-    outputs = torch.einsum("bi, boi -> bo", inputs, selected_loras).masked_fill(no_lora, 0)
-
+    """vLLM's ``bgmv_shrink``: rows with index -1 are written as zero; grouped by adapter."""
+    outputs = _lora_matmul(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+    if outputs is None:
+        output_tensor[:, : lora_b_weights.shape[-2]] = 0
+        return
     output_tensor[:, : outputs.shape[1]] = scaling * outputs[:]
 
 
@@ -117,20 +176,17 @@ def bgmv_expand_slice(
     slice_size: int,
     add_inputs: bool = True,
 ):
-    """vLLM's ``bgmv_expand_slice``, except rows with index -1 contribute zero."""
-    import torch
-
-    selected_loras, no_lora = _select(lora_b_weights, lora_indices_tensor)
-    selected_loras = selected_loras.to(dtype=output_tensor.dtype)
-    inputs = inputs.to(dtype=output_tensor.dtype)
-    if len(selected_loras.shape) == 4:
-        selected_loras = selected_loras.squeeze(dim=1)
-    outputs = torch.einsum("bi, boi -> bo", inputs, selected_loras).masked_fill(no_lora, 0)
-
+    """vLLM's ``bgmv_expand_slice``: rows with index -1 contribute zero; grouped by adapter."""
+    outputs = _lora_matmul(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+    window = output_tensor[:, slice_offset : slice_offset + slice_size]
+    if outputs is None:
+        if not add_inputs:
+            window.zero_()
+        return
     if add_inputs:
-        output_tensor[:, slice_offset : slice_offset + slice_size] += outputs[:]
+        window += outputs[:]
     else:
-        output_tensor[:, slice_offset : slice_offset + slice_size] = outputs[:]
+        window.copy_(outputs[:])
 
 
 # The sgmv_* ops only expand per-sequence indices to per-token ones and call the bgmv_* op.

@@ -1,0 +1,112 @@
+"""The servers compared by the benchmark, each started the way its users start it.
+
+Every server runs in its own session on a free loopback port; stopping it ends its whole process
+tree (vLLM's engine processes live in their own process groups), so runs never overlap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+START_TIMEOUT_S = 600
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class ServerProcess:
+    """A server command, its readiness URL path, and the processes it started."""
+
+    name: str
+    argv: list[str]
+    ready_path: str
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+    known: dict[int, psutil.Process] = field(default_factory=dict)
+    ready_s: float | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> ServerProcess:
+        """Start and wait for the ready route; ``ready_s`` is the wall time to ready."""
+        argv = [a.replace("{port}", str(self.port)) for a in self.argv]
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("wb")
+        started = time.monotonic()
+        self.proc = subprocess.Popen(
+            argv,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        while time.monotonic() - started < START_TIMEOUT_S:
+            self._remember()
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited:\n{self.log_tail()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(self.url + self.ready_path, timeout=5).status_code == 200:
+                    self.ready_s = time.monotonic() - started
+                    self._remember()
+                    return self
+            time.sleep(0.25)
+        self.stop()
+        raise RuntimeError(f"{self.name} not ready after {START_TIMEOUT_S}s:\n{self.log_tail()}")
+
+    def _remember(self) -> None:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            root = psutil.Process(self.proc.pid)
+            for proc in [root, *root.children(recursive=True)]:
+                self.known.setdefault(proc.pid, proc)
+
+    def stop(self) -> None:
+        """SIGTERM the server, wait for every process it started, kill any straggler."""
+        if self.proc is None:
+            return
+        self._remember()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=90)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and self._alive():
+            time.sleep(0.5)
+        for proc in self._alive():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+
+    def _alive(self) -> list[psutil.Process]:
+        alive = []
+        for proc in self.known.values():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(proc)
+        return alive
+
+    def log_tail(self, lines: int = 40) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return ""
