@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 
 import bentoml
@@ -32,17 +33,21 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import jit
+import quality
 from servers import BIN, ROOT, ServerProcess
 
 from loraswap.config import Settings
 from loraswap.engine import engine_cli_args
-from loraswap.model_import import packaged_gguf
+from loraswap.model_import import import_model, packaged_gguf
 
 RESULTS = ROOT / "benchmarks" / "results"
-SYSTEMS = ("loraswap", "vllm", "vllm-nolora", "hf", "llamacpp")
+SYSTEMS = ("loraswap", "loraswap-w8a8", "vllm", "vllm-nolora", "vllm-eager", "hf", "llamacpp")
 CONCURRENCY = (1, 8, 32)
 MIXED_CONCURRENCY = 32
 N_ADAPTERS = 8
+# The hand-rolled baseline gets its best dtype: transformers' eager CPU path runs bf16 at ~3 tok/s
+# on this machine, fp32 at ~22 (measured); a user would pick fp32.
+HF_DTYPE = "float32"
 SUMMARY_KEYS = (
     "completed", "failed", "duration", "total_output_tokens", "output_throughput",
     "request_throughput", "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "median_tpot_ms",
@@ -131,37 +136,36 @@ class Bench:
     def base(self) -> str:
         return self.settings.served_model_name
 
-    def engine_env(self) -> dict[str, str]:
-        return {
-            "VLLM_CPU_KVCACHE_SPACE": str(self.settings.kv_cache_space_gib),
-            "VLLM_CPU_OMP_THREADS_BIND": self.settings.omp_threads_bind(),
-        }
-
     def server(self, system: str) -> ServerProcess:
         log = self.logs / f"{system}.log"
-        if system == "loraswap":
+        if system in ("loraswap", "loraswap-w8a8"):
             env = {
                 "LORASWAP_ADAPTER_ROOTS": json.dumps([str(self.adapter_root)]),
                 "LORASWAP_STATE_DIR": str(self.work / "state"),
                 "LORASWAP_REGISTRY_URI": str(self.work / "state" / "registry.json"),
                 "LORASWAP_MAX_CONCURRENT_REQUESTS": "256",
             }
+            if system == "loraswap-w8a8":
+                quantized = import_model(self.model_dir, name=f"{self.base}-w8a8", quantize="w8a8")
+                env["LORASWAP_BASE_MODEL"] = quantized.tag
             argv = [str(BIN / "bentoml"), "serve", "service:LoRASwap", "--port", "{port}"]
             return ServerProcess(system, argv, "/readyz", log, env)
-        if system in ("vllm", "vllm-nolora"):
-            settings = self.settings.model_copy(update={"enable_lora": system == "vllm"})
+        if system in ("vllm", "vllm-nolora", "vllm-eager"):
+            # vllm-eager: LoRA off and no torch.compile, which vLLM CPU always skips with LoRA on.
+            update = {"enable_lora": system == "vllm", "enforce_eager": system == "vllm-eager"}
+            settings = self.settings.model_copy(update=update)
             argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--port", "{port}"]
             argv += engine_cli_args(settings, self.model_dir)
             if settings.enable_lora:
                 argv += ["--lora-modules", *(f"{a}={self.adapter_root / a}" for a in self.adapters)]
             # Upstream vLLM as users get it: without loraswap's LoRA op plugin.
-            env = {**self.engine_env(), "LORASWAP_PATCH_LORA_OPS": "0"}
+            env = {**self.settings.cpu_engine_env(), "LORASWAP_PATCH_LORA_OPS": "0"}
             return ServerProcess(system, argv, "/health", log, env)
         if system == "hf":
             argv = [
                 sys.executable, str(ROOT / "benchmarks/baselines/hf_server.py"),
                 "--port", "{port}", "--model", self.model_dir,
-                "--served-model-name", self.base, "--dtype", self.settings.dtype,
+                "--served-model-name", self.base, "--dtype", HF_DTYPE,
                 *(f"--adapter={a}={self.adapter_root / a}" for a in self.adapters),
             ]  # fmt: skip
             return ServerProcess(system, argv, "/health", log)
@@ -196,13 +200,16 @@ class Bench:
         server = self.server(system).start()
         self.extra.setdefault("ready_s", {})[system] = server.ready_s
         try:
-            for concurrency in CONCURRENCY:
+            for concurrency in self.args.concurrency:
                 prompts = prompts_for(concurrency, quick)
                 metrics = load_generator(
                     server.url, self.base, self.model_dir, concurrency, prompts, out_len
                 )
                 self.record(system, "base", concurrency, metrics)
-            if system in ("loraswap", "vllm"):
+            if system in ("loraswap", "loraswap-w8a8"):
+                scores = quality.measure(server.url, self.base)
+                self.extra.setdefault("quality", {})[system] = scores
+            if system in ("loraswap", "loraswap-w8a8", "vllm"):
                 self.warm_adapters(server.url)
                 modules = [self.base, *self.adapters]
                 prompts = prompts_for(MIXED_CONCURRENCY, quick)
@@ -229,7 +236,11 @@ class Bench:
     def run(self) -> Path:
         started = dt.datetime.now(dt.UTC)
         for system in self.args.systems:
-            self.run_system(system)
+            try:
+                self.run_system(system)
+            except Exception as exc:  # one broken system must not lose the others' figures
+                traceback.print_exc()
+                self.extra.setdefault("errors", {})[system] = repr(exc)
         RESULTS.mkdir(parents=True, exist_ok=True)
         out = self.args.out or RESULTS / f"bench-{started:%Y%m%dT%H%M%SZ}.json"
         result = {
@@ -271,6 +282,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--systems", type=lambda s: s.split(","), default=list(SYSTEMS))
+    parser.add_argument(
+        "--concurrency", type=lambda s: [int(c) for c in s.split(",")], default=list(CONCURRENCY)
+    )
     parser.add_argument("--quick", action="store_true", help="fewer prompts, for a smoke run")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()

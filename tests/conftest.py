@@ -78,7 +78,10 @@ def server_env(adapter_root: Path, state_dir: Path, s3: dict, **extra: str) -> d
 def server(tmp_path_factory: pytest.TempPathFactory, adapter_root: Path, s3: dict):
     """The real server (vLLM CPU engine, default model), started once per test session."""
     state = tmp_path_factory.mktemp("server")
-    srv = Server(state / "serve.log", env=server_env(adapter_root, state, s3)).start()
+    # Fewer engine slots than the default 8, so the adapter tests reuse slots (where the vLLM
+    # CPU index bug showed) and pins meet the slot limit.
+    env = server_env(adapter_root, state, s3, LORASWAP_MAX_LORAS="4")
+    srv = Server(state / "serve.log", env=env).start()
     yield srv
     left = srv.stop()
     assert not left, f"processes left after SIGTERM: {[p.pid for p in left]}"

@@ -64,7 +64,7 @@ def run_together(url: str, jobs: list[tuple[str, str]]) -> list[str]:
 @pytest.fixture(scope="module")
 def fp32_server(tmp_path_factory, adapter_root, s3):
     state = tmp_path_factory.mktemp("fp32")
-    env = server_env(adapter_root, state, s3, LORASWAP_DTYPE="float32")
+    env = server_env(adapter_root, state, s3, LORASWAP_DTYPE="float32", LORASWAP_MAX_LORAS="4")
     srv = Server(state / "serve.log", env=env).start()
     yield srv
     assert not srv.stop(), "processes left after SIGTERM"

@@ -291,3 +291,19 @@ def test_general_plugin_patches_what_the_cpu_punica_wrapper_calls(monkeypatch: p
     out = torch.zeros(len(INDICES), RANK)
     punica_cpu.bgmv_shrink(d["x"], d["a"], out, d["idx"], 1.0)
     assert torch.all(out[~valid()] == 0)
+
+
+def test_lora_device_for_layers_whose_weight_was_released():
+    """vLLM's INT8 CPU kernel sets ``layer.weight = None``; LoRA must still find the device."""
+    layer = torch.nn.Module()
+    layer.weight = None
+    layer.weight_scale = torch.nn.Parameter(torch.ones(4, 1), requires_grad=False)
+    assert vllm_patches.lora_device(layer) == torch.device("cpu")
+
+    from vllm.lora.layers import utils as layer_utils
+
+    plain = torch.nn.Linear(4, 4)
+    original = vllm_patches.ORIGINALS.get("_get_lora_device", layer_utils._get_lora_device)
+    if "_get_lora_device" not in vllm_patches.ORIGINALS:
+        vllm_patches.ORIGINALS["_get_lora_device"] = original
+    assert vllm_patches.lora_device(plain) == original(plain)

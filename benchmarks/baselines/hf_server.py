@@ -36,7 +36,7 @@ class CompletionRequest(BaseModel):
 
 def build_app(model_dir: str, adapters: dict[str, str], served_name: str, dtype: str) -> FastAPI:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=getattr(torch, dtype))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
     if adapters:
         from peft import PeftModel
 
@@ -104,7 +104,7 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--served-model-name", required=True)
     parser.add_argument("--adapter", action="append", default=[], help="name=dir")
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default="float32")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()

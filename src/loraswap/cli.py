@@ -34,6 +34,7 @@ def cmd_import_model(ns: argparse.Namespace) -> int:
             dtype=ns.dtype,
             revision=ns.revision,
             force=ns.force,
+            quantize=ns.quantize,
             progress=lambda msg: print(f"[import-model] {msg}", file=sys.stderr, flush=True),
         )
     except ModelImportError as exc:
@@ -205,6 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     imp.add_argument("--revision", help="hub revision (branch, tag or commit)")
     imp.add_argument("--force", action="store_true", help="re-import even if already present")
+    imp.add_argument(
+        "--quantize", choices=["w8a8"], default=None,
+        help="store INT8 weights (W8A8, run by vLLM's CPU backend) as <name>-w8a8",
+    )  # fmt: skip
     imp.set_defaults(func=cmd_import_model)
 
     ada = sub.add_parser("adapters", help="manage a running server's adapters")

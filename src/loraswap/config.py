@@ -58,6 +58,14 @@ class Settings(BaseSettings):
             "core free); or a list such as `0-3`."
         ),
     )
+    cpu_worker_in_engine_process: bool = Field(
+        True,
+        description=(
+            "CPU only, one engine process: run vLLM's model worker inside its EngineCore process "
+            "(`VLLM_ENABLE_V1_MULTIPROCESSING=0`) instead of a third process; starts ~10 s "
+            "sooner, same speed."
+        ),
+    )
     gpu_memory_utilization: float = Field(
         0.9, gt=0, le=1, description="GPU only: fraction of GPU memory vLLM may take."
     )
@@ -73,7 +81,14 @@ class Settings(BaseSettings):
 
     # --- LoRA -------------------------------------------------------------------------
     enable_lora: bool = Field(True, description="Serve LoRA adapters.")
-    max_loras: int = Field(4, ge=1, description="Adapters resident in one engine batch (slots).")
+    max_loras: int = Field(
+        8,
+        ge=1,
+        description=(
+            "Adapters resident in one engine batch (slots). Requests for more distinct adapters "
+            "than this wait for a slot, so size it to the adapters in concurrent use."
+        ),
+    )
     max_lora_rank: int = Field(16, ge=1, description="Highest adapter rank accepted.")
     max_cpu_loras: int = Field(8, ge=1, description="Adapters cached in host memory.")
     adapter_roots: list[Path] = Field(
@@ -176,6 +191,16 @@ class Settings(BaseSettings):
         """Relative adapter roots point into the project (or Bento) holding ``base_dir``."""
         roots = [r if r.is_absolute() else base_dir / r for r in self.adapter_roots]
         return self.model_copy(update={"adapter_roots": roots})
+
+    def cpu_engine_env(self) -> dict[str, str]:
+        """Environment vLLM's CPU backend reads in the engine processes."""
+        env = {
+            "VLLM_CPU_KVCACHE_SPACE": str(self.kv_cache_space_gib),
+            "VLLM_CPU_OMP_THREADS_BIND": self.omp_threads_bind(),
+        }
+        if self.cpu_worker_in_engine_process and self.tensor_parallel_size == 1:
+            env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        return env
 
     def omp_threads_bind(self) -> str:
         """The value for ``VLLM_CPU_OMP_THREADS_BIND``."""

@@ -89,8 +89,9 @@ def limit_prompt_tokens(
 
 def export_cpu_env(settings: Settings) -> None:
     """vLLM's CPU backend reads these from the environment of the engine processes."""
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_space_gib))
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", settings.omp_threads_bind())
+    if is_cpu_build():
+        for name, value in settings.cpu_engine_env().items():
+            os.environ.setdefault(name, value)
 
 
 class Engine:

@@ -24,6 +24,7 @@ import bentoml
 from bentoml.exceptions import NotFound
 
 from .config import DEFAULT_MODEL_NAME
+from .quantize import SCHEMES, quantize_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -186,15 +187,21 @@ def import_model(
     dtype: str = "bfloat16",
     revision: str | None = None,
     force: bool = False,
+    quantize: str | None = None,
     progress: Progress | None = None,
 ) -> ImportResult:
-    """Import ``source`` into the BentoML model store; skip work when already imported."""
+    """Import ``source`` into the BentoML model store; skip work when already imported.
+
+    ``quantize="w8a8"`` stores INT8 weights (``loraswap.quantize``) under ``<name>-w8a8``.
+    """
     say = progress or (lambda msg: logger.info(msg))
     if dtype not in ("bfloat16", "float16", "float32"):
         raise ModelImportError(f"dtype must be bfloat16, float16 or float32, not {dtype!r}")
+    if quantize is not None and quantize not in SCHEMES:
+        raise ModelImportError(f"quantize must be one of {', '.join(SCHEMES)}, not {quantize!r}")
     started = time.monotonic()
     resolved = resolve_source(source, revision)
-    model_name = name or default_name(resolved)
+    model_name = name or default_name(resolved) + (f"-{quantize}" if quantize else "")
     if not re.fullmatch(r"[a-z0-9]([a-z0-9_.-]*[a-z0-9])?", model_name):
         raise ModelImportError(f"invalid model name {model_name!r} (lowercase, digits, - _ .)")
 
@@ -212,7 +219,8 @@ def import_model(
 
         # Only a GGUF conversion depends on dtype; a copied checkpoint keeps its own.
         stored_dtype = dtype if src_dir is None else checkpoint_dtype(src_dir)
-        version = hashlib.sha256(f"{content_hash}:{stored_dtype}".encode()).hexdigest()[:16]
+        recipe = f"{content_hash}:{stored_dtype}" + (f":{quantize}" if quantize else "")
+        version = hashlib.sha256(recipe.encode()).hexdigest()[:16]
         existing = find_imported(model_name, version)
         if existing is not None and not force:
             say(f"{existing.tag} already imported from this source; nothing to do")
@@ -225,6 +233,7 @@ def import_model(
             "format": "gguf" if resolved.kind == "gguf" else "safetensors",
             "dtype": stored_dtype,
             "content-hash": content_hash[:16],
+            "quantization": quantize or "none",
         }
         metadata = {
             "source": resolved.location,
@@ -242,6 +251,13 @@ def import_model(
                 for file in model_files(src_dir):
                     say(f"copying {file.name}")
                     shutil.copy2(file, target / file.name)
+            if quantize:
+                say(f"quantizing linear layers to {quantize}")
+                try:
+                    layers = quantize_checkpoint(target, quantize)
+                except ValueError as exc:
+                    raise ModelImportError(str(exc)) from exc
+                say(f"quantized {layers} linear layers")
         stored = bentoml.models.get(model.tag)
         say(f"imported {stored.tag} in {time.monotonic() - started:.1f}s")
         return ImportResult(str(stored.tag), Path(stored.path), created=True)

@@ -7,10 +7,10 @@ LoRA slot has held an adapter, base-model rows that share a batch with adapter r
 adapter's delta. :func:`apply` swaps in versions that select with the index clamped at 0 and zero
 the rows whose index is negative. Everything else (shapes, dtypes, in-place writes) is unchanged.
 
-The replacements are also faster: they group rows by adapter slot (one matmul per adapter in
-the batch instead of a gathered weight copy and a matmul per token), skip the work entirely when
-no row has an adapter (base-only traffic with LoRA enabled), and skip slots whose weights are
-zero (modules an adapter does not target).
+The replacements are also faster: one matmul per op (against all adapter slots stacked and
+masked per row when adapters mix) instead of a gathered weight copy and a tiny matmul per
+token; no work at all when no row has an adapter (base-only traffic with LoRA enabled) or the
+rows' slots hold zeros (modules an adapter does not target). Measurements: docs/benchmarks.md.
 
 vLLM runs general plugins in the API process, the EngineCore process and every worker, so the
 fix reaches the processes that actually run the model. Set ``LORASWAP_PATCH_LORA_OPS=0`` to
@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -54,76 +55,99 @@ def _enabled() -> bool:
     return os.environ.get(ENV_VAR, "1").strip().lower() not in {"0", "false", "no", "off"}
 
 
-# Per-token adapter indices seen recently → [(slot, rows)], keyed by their bytes: a decode step
-# calls the ops ~14 times per layer with the same indices, so grouping is worked out once.
-_GROUPS: dict[tuple[str, bytes], list[tuple[int, torch.Tensor | None]]] = {}
-# (weights storage, in-place version, shape, slot) → whether that slot holds a non-zero matrix.
-# vLLM wraps every linear layer; an adapter that targets only attention leaves the MLP slots
-# zero, and their two matmuls per layer can be skipped. Loading or clearing a slot writes into
-# the stacked tensor in place, which bumps ``_version`` and so misses this cache.
-_LIVE: dict[tuple[int, int, tuple[int, ...], int], bool] = {}
-_CACHE_LIMIT = 4096
+# Per-token adapter indices seen recently → (slots used, one-hot row→slot matrix or None when
+# every row uses one slot), keyed by their bytes: a decode step calls the ops ~14 times per
+# layer with the same indices, so this is worked out once per step.
+_BATCHES: dict[tuple[int, str, bytes], tuple[list[int], torch.Tensor | None]] = {}
+_BATCH_CACHE_LIMIT = 1024
+# Derived forms of each stacked weight tensor (fp32 copy, which slots are non-zero), per tensor
+# object (vLLM passes the same stacked tensors every step), checked by identity through a weak
+# reference and refreshed when the tensor's in-place version changes: vLLM loads and clears
+# slots by writing into the stacked tensor, which bumps ``_version``.
+_DERIVED: dict[tuple[int, str], tuple[weakref.ref, int, Any]] = {}
+_DERIVED_CACHE_LIMIT = 4096
 
 
-def _groups(indices: torch.Tensor) -> list[tuple[int, torch.Tensor | None]]:
-    """The adapter slots used by ``indices`` and their rows (``None``: every row).
+def _batch(indices: torch.Tensor, n_slots: int) -> tuple[list[int], torch.Tensor | None]:
+    """The adapter slots ``indices`` uses and, unless all rows share one, a one-hot mask.
 
-    Negative indices mean "no adapter" and belong to no group, so index -1 can never read the
-    last slot (the upstream bug).
+    Negative indices mean "no adapter": such rows get an all-zero mask row, so index -1 can
+    never read the last slot (the upstream bug).
     """
-    key = (str(indices.dtype), indices.cpu().numpy().tobytes())
-    groups = _GROUPS.get(key)
-    if groups is None:
+    key = (n_slots, str(indices.dtype), indices.cpu().numpy().tobytes())
+    hit = _BATCHES.get(key)
+    if hit is None:
         import torch
 
         slots = sorted({i for i in indices.tolist() if i >= 0})
-        if len(slots) == 1 and bool((indices == slots[0]).all()):
-            groups = [(slots[0], None)]
-        else:
-            groups = [(s, torch.nonzero(indices == s).squeeze(1)) for s in slots]
-        if len(_GROUPS) >= _CACHE_LIMIT:
-            _GROUPS.clear()
-        _GROUPS[key] = groups
-    return groups
+        onehot = None
+        if slots and not (len(slots) == 1 and bool((indices == slots[0]).all())):
+            valid = (indices >= 0).unsqueeze(1)
+            onehot = torch.nn.functional.one_hot(indices.clamp_min(0).long(), n_slots)
+            onehot = (onehot * valid).to(torch.float32)
+        if len(_BATCHES) >= _BATCH_CACHE_LIMIT:
+            _BATCHES.clear()
+        hit = _BATCHES[key] = (slots, onehot)
+    return hit
 
 
-def _live(weights: torch.Tensor, slot: int) -> bool:
-    key = (weights.untyped_storage().data_ptr(), weights._version, tuple(weights.shape), slot)
-    live = _LIVE.get(key)
-    if live is None:
-        if len(_LIVE) >= _CACHE_LIMIT:
-            _LIVE.clear()
-        live = _LIVE[key] = bool(weights[slot].any())
-    return live
+def _derived(weights: torch.Tensor, kind: str, make: Callable[[torch.Tensor], Any]) -> Any:
+    key = (id(weights), kind)
+    hit = _DERIVED.get(key)
+    if hit is None or hit[0]() is not weights or hit[1] != weights._version:
+        if len(_DERIVED) >= _DERIVED_CACHE_LIMIT:
+            _DERIVED.clear()
+        hit = _DERIVED[key] = (weakref.ref(weights), weights._version, make(weights))
+    return hit[2]
+
+
+def _live_slots(weights: torch.Tensor) -> list[bool]:
+    """Which slots hold a non-zero matrix. vLLM wraps every linear layer; an adapter that
+    targets only attention leaves its MLP slots zero, and their work can be skipped."""
+    return _derived(weights, "live", lambda w: w.flatten(1).any(dim=1).tolist())
 
 
 def _lora_matmul(
-    inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype
+    inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor
 ) -> torch.Tensor | None:
-    """``inputs[r] @ weights[indices[r]].T`` for every row, computed one adapter slot at a time.
+    """``inputs[r] @ weights[indices[r]].T`` for every row.
 
     vLLM's version gathers a full copy of the weights for every token and runs one tiny matmul
-    per token; grouping rows by slot needs one matmul per adapter in the batch and no copy.
-    Rows without an adapter (and slots holding zeros) come out as zero; ``None`` means every
-    row is zero, so callers can skip the write.
+    per token. Here a batch with one adapter costs one matmul (in float32: bf16 matmuls this
+    small are slower than fp32 on CPU), and a batch mixing adapters one matmul against all
+    slots stacked (in the weights' dtype: at that size bf16 is 2-4x faster), where a one-hot
+    row mask keeps each row's own slot and zeroes rows without an adapter; the other slots add
+    exact zeros. ``None`` means every row is zero (no adapter in the batch, or only slots of
+    zeros), so callers can skip the write.
     """
-    if weights.dim() == 4:
-        weights = weights.squeeze(1)
-    groups = [(slot, rows) for slot, rows in _groups(indices) if _live(weights, slot)]
-    if not groups:
+    import torch
+
+    n_slots, n_out, n_in = weights.shape[0], weights.shape[-2], weights.shape[-1]
+    slots, onehot = _batch(indices, n_slots)
+    live = _live_slots(weights)
+    if not any(live[s] for s in slots):
         return None
-    inputs = inputs.to(dtype=dtype)
-    if len(groups) == 1 and groups[0][1] is None:
-        return inputs @ weights[groups[0][0]].to(dtype=dtype).T
-    out = inputs.new_zeros((inputs.shape[0], weights.shape[-2]))
-    for slot, rows in groups:
-        selected = inputs if rows is None else inputs.index_select(0, rows)
-        product = selected @ weights[slot].to(dtype=dtype).T
-        if rows is None:
-            out.copy_(product)
-        else:
-            out.index_copy_(0, rows, product)
-    return out
+    shrink_like = n_out <= n_in  # [rows, in] @ [in, slots*out], then keep each row's slot
+    if onehot is None:
+        x = inputs.to(torch.float32)
+        if shrink_like:
+            stacked = _derived(weights, "f32-rows", lambda w: w.to(torch.float32).reshape(-1, n_in))
+            return x @ stacked[slots[0] * n_out : (slots[0] + 1) * n_out].T
+        stacked = _derived(weights, "f32-cols", lambda w: _by_columns(w.to(torch.float32)))
+        return x @ stacked[slots[0] * n_in : (slots[0] + 1) * n_in]
+    x, mask = inputs.to(weights.dtype), onehot.to(weights.dtype)
+    if shrink_like:
+        full = (x @ weights.reshape(-1, n_in).T).view(-1, n_slots, n_out)
+        return (full * mask.unsqueeze(2)).sum(dim=1)
+    # expand-like: spread each row into its slot's block of inputs, then one matmul.
+    blocks = (mask.unsqueeze(2) * x.unsqueeze(1)).reshape(x.shape[0], -1)
+    return blocks @ _derived(weights, "cols", _by_columns)
+
+
+def _by_columns(weights: torch.Tensor) -> torch.Tensor:
+    """[slots, (1,) out, in] → [slots * in, out]: each slot's transposed matrix, stacked."""
+    n_slots, n_out, n_in = weights.shape[0], weights.shape[-2], weights.shape[-1]
+    return weights.reshape(n_slots, n_out, n_in).transpose(1, 2).reshape(-1, n_out)
 
 
 def bgmv_expand(
@@ -133,8 +157,8 @@ def bgmv_expand(
     lora_indices_tensor: torch.Tensor,
     add_inputs: bool = True,
 ):
-    """vLLM's ``bgmv_expand``: rows with index -1 contribute zero; grouped by adapter."""
-    outputs = _lora_matmul(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+    """vLLM's ``bgmv_expand``: rows with index -1 contribute zero."""
+    outputs = _lora_matmul(inputs, lora_b_weights, lora_indices_tensor)
     # LoRA adapter and model may add different amounts of padding to output
     common_len = min(lora_b_weights.shape[-2], output_tensor.shape[1])
     if outputs is None:
@@ -159,8 +183,8 @@ def bgmv_shrink(
     lora_indices_tensor: torch.Tensor,
     scaling: float = 1.0,
 ):
-    """vLLM's ``bgmv_shrink``: rows with index -1 are written as zero; grouped by adapter."""
-    outputs = _lora_matmul(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+    """vLLM's ``bgmv_shrink``: rows with index -1 are written as zero."""
+    outputs = _lora_matmul(inputs, lora_b_weights, lora_indices_tensor)
     if outputs is None:
         output_tensor[:, : lora_b_weights.shape[-2]] = 0
         return
@@ -176,8 +200,8 @@ def bgmv_expand_slice(
     slice_size: int,
     add_inputs: bool = True,
 ):
-    """vLLM's ``bgmv_expand_slice``: rows with index -1 contribute zero; grouped by adapter."""
-    outputs = _lora_matmul(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+    """vLLM's ``bgmv_expand_slice``: rows with index -1 contribute zero."""
+    outputs = _lora_matmul(inputs, lora_b_weights, lora_indices_tensor)
     window = output_tensor[:, slice_offset : slice_offset + slice_size]
     if outputs is None:
         if not add_inputs:
@@ -270,8 +294,24 @@ FIXED: dict[str, Callable[..., Any]] = {
 }
 
 
+def lora_device(base_layer: Any) -> torch.device:
+    """vLLM's ``_get_lora_device``, also for layers whose ``weight`` was released.
+
+    On CPUs without AMX, vLLM's INT8 (W8A8) kernel prepacks the weight for oneDNN and sets
+    ``layer.weight = None``; vLLM's LoRA wrapper then fails at engine start reading
+    ``weight.device``. Any other tensor of the layer tells the device as well.
+    """
+    import torch
+
+    if getattr(base_layer, "weight", False) is None:
+        for tensor in list(base_layer.parameters()) + list(base_layer.buffers()):
+            return tensor.device
+        return torch.device("cpu")
+    return ORIGINALS["_get_lora_device"](base_layer)
+
+
 def apply() -> None:
-    """Replace vLLM's torch LoRA ops with the fixed ones in every namespace that holds them.
+    """Replace vLLM's torch LoRA ops (and ``_get_lora_device``) in every namespace holding them.
 
     vLLM calls this with no arguments in each process (general plugin). Besides the defining
     module, ``vllm.lora.ops.torch_ops`` re-exports the ops and ``punica_cpu`` imports them by
@@ -290,7 +330,11 @@ def apply() -> None:
 
     ops = importlib.import_module(OPS_MODULE)
     importlib.import_module("vllm.lora.ops.torch_ops")  # the re-exporting package
+    layer_utils = importlib.import_module("vllm.lora.layers.utils")
+    importlib.import_module("vllm.lora.layers.base_linear")  # imports it by name
     originals = {name: getattr(ops, name) for name in OP_NAMES}
+    originals["_get_lora_device"] = layer_utils._get_lora_device
+    fixed = {**FIXED, "_get_lora_device": lora_device}
     by_id = {id(fn): name for name, fn in originals.items()}
 
     patched: list[str] = []
@@ -303,7 +347,7 @@ def apply() -> None:
         # by_id holds only live function objects, so an id match is an identity match.
         hits = [(attr, by_id[id(v)]) for attr, v in list(namespace.items()) if id(v) in by_id]
         for attr, name in hits:
-            namespace[attr] = FIXED[name]
+            namespace[attr] = fixed[name]
         if hits:
             patched.append(mod_name)
 
