@@ -307,3 +307,18 @@ def test_lora_device_for_layers_whose_weight_was_released():
     if "_get_lora_device" not in vllm_patches.ORIGINALS:
         vllm_patches.ORIGINALS["_get_lora_device"] = original
     assert vllm_patches.lora_device(plain) == original(plain)
+
+
+def test_ops_under_inference_mode():
+    """vLLM runs the model under torch.inference_mode: tensors made there (the row masks, and
+    weights if a loader made them so) have no version counter, and must still work."""
+    with torch.inference_mode():
+        d = data(torch.bfloat16, seed=5)
+        idx = torch.tensor([2, 0, -1, 1, 2])
+        for _ in range(2):  # the second call goes through the caches
+            y = d["y"].clone()
+            vllm_patches.bgmv_expand(d["buf"], d["b"], y, idx, True)
+            delta = per_row(d["buf"], d["b"], idx.tolist())
+            torch.testing.assert_close(
+                y[:, :OUT].double(), d["y"][:, :OUT].double() + delta, **TOL[torch.bfloat16]
+            )

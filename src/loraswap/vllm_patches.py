@@ -60,6 +60,7 @@ def _enabled() -> bool:
 # layer with the same indices, so this is worked out once per step.
 _BATCHES: dict[tuple[int, str, bytes], tuple[list[int], torch.Tensor | None]] = {}
 _BATCH_CACHE_LIMIT = 1024
+_MASKS: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 # Derived forms of each stacked weight tensor (fp32 copy, which slots are non-zero), per tensor
 # object (vLLM passes the same stacked tensors every step), checked by identity through a weak
 # reference and refreshed when the tensor's in-place version changes: vLLM loads and clears
@@ -91,7 +92,22 @@ def _batch(indices: torch.Tensor, n_slots: int) -> tuple[list[int], torch.Tensor
     return hit
 
 
+def _mask(onehot: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The one-hot mask in ``dtype``, converted once per batch rather than once per op."""
+    if onehot.dtype == dtype:
+        return onehot
+    key = (id(onehot), dtype)
+    mask = _MASKS.get(key)
+    if mask is None or mask[0] is not onehot:
+        if len(_MASKS) >= _BATCH_CACHE_LIMIT:
+            _MASKS.clear()
+        mask = _MASKS[key] = (onehot, onehot.to(dtype))
+    return mask[1]
+
+
 def _derived(weights: torch.Tensor, kind: str, make: Callable[[torch.Tensor], Any]) -> Any:
+    if weights.is_inference():  # no version counter: in-place writes would go unseen
+        return make(weights)
     key = (id(weights), kind)
     hit = _DERIVED.get(key)
     if hit is None or hit[0]() is not weights or hit[1] != weights._version:
@@ -135,7 +151,7 @@ def _lora_matmul(
             return x @ stacked[slots[0] * n_out : (slots[0] + 1) * n_out].T
         stacked = _derived(weights, "f32-cols", lambda w: _by_columns(w.to(torch.float32)))
         return x @ stacked[slots[0] * n_in : (slots[0] + 1) * n_in]
-    x, mask = inputs.to(weights.dtype), onehot.to(weights.dtype)
+    x, mask = inputs.to(weights.dtype), _mask(onehot, weights.dtype)
     if shrink_like:
         full = (x @ weights.reshape(-1, n_in).T).view(-1, n_slots, n_out)
         return (full * mask.unsqueeze(2)).sum(dim=1)
