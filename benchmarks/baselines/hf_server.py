@@ -2,7 +2,7 @@
 
 One model in memory, adapters attached with peft, one ``generate`` at a time under a lock
 (transformers' ``generate`` is not safe to run concurrently on one model), tokens streamed with
-``TextIteratorStreamer``. It speaks just enough of ``/v1/completions`` for ``vllm bench serve``.
+a token streamer. It speaks just enough of ``/v1/completions`` for ``vllm bench serve``.
 Bench-only: not part of loraswap.
 
     python benchmarks/baselines/hf_server.py --model DIR --adapter name=DIR ... --port 8001
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import queue
 import threading
 import time
 import uuid
@@ -22,7 +23,29 @@ import uvicorn
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
-from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.generation.streamers import BaseStreamer
+
+
+class TokenStreamer(BaseStreamer):
+    """One text piece per generated token (TextIteratorStreamer waits for word boundaries,
+    which random-token benchmark text may never have)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.queue, self.prompt_seen = tokenizer, queue.Queue(), False
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:  # generate() first hands over the prompt
+            self.prompt_seen = True
+            return
+        self.queue.put(self.tokenizer.decode(value.reshape(-1), skip_special_tokens=True))
+
+    def end(self) -> None:
+        self.queue.put(None)
+
+    def __iter__(self):
+        while (piece := self.queue.get()) is not None:
+            yield piece
 
 
 class CompletionRequest(BaseModel):
@@ -48,7 +71,7 @@ def build_app(model_dir: str, adapters: dict[str, str], served_name: str, dtype:
     lock = threading.Lock()
     app = FastAPI()
 
-    def generate(req: CompletionRequest, streamer: TextIteratorStreamer) -> None:
+    def generate(req: CompletionRequest, streamer: TokenStreamer) -> None:
         inputs = tokenizer(req.prompt, return_tensors="pt")
         kwargs = dict(max_new_tokens=req.max_tokens, streamer=streamer, do_sample=False)
         if req.ignore_eos:
@@ -71,7 +94,7 @@ def build_app(model_dir: str, adapters: dict[str, str], served_name: str, dtype:
     async def completions(req: CompletionRequest):
         if req.model != served_name and req.model not in adapters:
             raise HTTPException(404, f"unknown model {req.model}")
-        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        streamer = TokenStreamer(tokenizer)
         thread = threading.Thread(target=generate, args=(req, streamer), daemon=True)
         thread.start()
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -79,8 +102,7 @@ def build_app(model_dir: str, adapters: dict[str, str], served_name: str, dtype:
         async def pieces():
             it = iter(streamer)
             while (piece := await asyncio.to_thread(next, it, None)) is not None:
-                if piece:
-                    yield piece
+                yield piece
 
         def chunk(**body) -> str:
             return "data: " + json.dumps({"id": rid, "created": created, **body}) + "\n\n"
