@@ -171,7 +171,8 @@ class Bench:
             return ServerProcess(system, argv, "/health", log)
         if system == "llamacpp":
             argv = [
-                sys.executable, "-m", "llama_cpp.server", "--host", "127.0.0.1",
+                sys.executable, str(ROOT / "benchmarks/baselines/llamacpp_server.py"),
+                "--host", "127.0.0.1",
                 "--port", "{port}", "--model", str(packaged_gguf()), "--model_alias", self.base,
                 "--n_threads", str(len(os.sched_getaffinity(0))), "--n_ctx", "2048",
             ]  # fmt: skip

@@ -1,6 +1,6 @@
 """Where a decode step's time goes: py-spy on loraswap's EngineCore under a steady load.
 
-    python benchmarks/profile.py [--concurrency 1] [--model smollm2-135m-instruct] [--seconds 20]
+    python benchmarks/engine_profile.py [--concurrency 1] [--model a0] [--seconds 20]
 
 Starts loraswap, keeps ``concurrency`` streams busy (``model`` may be an adapter: ``a0``), records
 the EngineCore process with py-spy (native frames off, idle off) and writes the self-time share
