@@ -175,6 +175,7 @@ class Bench:
                 "--host", "127.0.0.1",
                 "--port", "{port}", "--model", str(packaged_gguf()), "--model_alias", self.base,
                 "--n_threads", str(len(os.sched_getaffinity(0))), "--n_ctx", "2048",
+                "--interrupt_requests", "False",  # queue concurrent requests, don't cancel them
             ]  # fmt: skip
             return ServerProcess(system, argv, "/v1/models", log)
         raise ValueError(system)
