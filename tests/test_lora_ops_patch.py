@@ -293,7 +293,7 @@ def test_general_plugin_patches_what_the_cpu_punica_wrapper_calls(monkeypatch: p
     assert torch.all(out[~valid()] == 0)
 
 
-def test_lora_device_for_layers_whose_weight_was_released():
+def test_lora_device_for_layers_whose_weight_was_released(monkeypatch: pytest.MonkeyPatch):
     """vLLM's INT8 CPU kernel sets ``layer.weight = None``; LoRA must still find the device."""
     layer = torch.nn.Module()
     layer.weight = None
@@ -304,8 +304,7 @@ def test_lora_device_for_layers_whose_weight_was_released():
 
     plain = torch.nn.Linear(4, 4)
     original = vllm_patches.ORIGINALS.get("_get_lora_device", layer_utils._get_lora_device)
-    if "_get_lora_device" not in vllm_patches.ORIGINALS:
-        vllm_patches.ORIGINALS["_get_lora_device"] = original
+    monkeypatch.setitem(vllm_patches.ORIGINALS, "_get_lora_device", original)
     assert vllm_patches.lora_device(plain) == original(plain)
 
 

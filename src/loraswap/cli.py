@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from .config import Settings
+from .quantize import SCHEMES
 
 
 def settings_table() -> str:
@@ -207,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--revision", help="hub revision (branch, tag or commit)")
     imp.add_argument("--force", action="store_true", help="re-import even if already present")
     imp.add_argument(
-        "--quantize", choices=["w8a8"], default=None,
+        "--quantize", choices=SCHEMES, default=None,
         help="store INT8 weights (W8A8, run by vLLM's CPU backend) as <name>-w8a8",
     )  # fmt: skip
     imp.set_defaults(func=cmd_import_model)

@@ -15,7 +15,6 @@ perplexity without calibration and ran slower than bf16 here, so it is not offer
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -67,10 +66,10 @@ def quantize_int8(weight):
 def quantize_checkpoint(directory: Path, scheme: str = "w8a8") -> int:
     """Rewrite the safetensors checkpoint in ``directory`` as ``scheme``; returns layers done.
 
-    Each file and ``config.json`` is written beside the original and renamed over it.
+    Each file and ``config.json`` is written atomically (``loraswap.atomic``).
     """
     from safetensors import safe_open
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     if scheme not in SCHEMES:
         raise ValueError(f"unknown quantization {scheme!r}; supported: {', '.join(SCHEMES)}")
@@ -91,9 +90,7 @@ def quantize_checkpoint(directory: Path, scheme: str = "w8a8") -> int:
                     done += 1
                 else:
                     tensors[name] = tensor.contiguous()
-        partial = file.with_name(file.name + ".partial")
-        save_file(tensors, str(partial), metadata={"format": "pt"})
-        os.replace(partial, file)
+        write_atomic(file, save(tensors, metadata={"format": "pt"}))
     if not done:
         raise ValueError(f"no Llama-style linear layers found in {directory}")
     index_path = directory / "model.safetensors.index.json"

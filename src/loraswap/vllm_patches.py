@@ -55,12 +55,11 @@ def _enabled() -> bool:
     return os.environ.get(ENV_VAR, "1").strip().lower() not in {"0", "false", "no", "off"}
 
 
-# Per-token adapter indices seen recently → (slots used, one-hot row→slot matrix or None when
-# every row uses one slot), keyed by their bytes: a decode step calls the ops ~14 times per
-# layer with the same indices, so this is worked out once per step.
-_BATCHES: dict[tuple[int, str, bytes], tuple[list[int], torch.Tensor | None]] = {}
+# Per-token adapter indices seen recently → (slots used, the one-hot row→slot mask by dtype, or
+# None when every row uses one slot), keyed by their bytes: a decode step calls the ops ~14 times
+# per layer with the same indices, so this is worked out once per step.
+_BATCHES: dict[tuple[int, str, bytes], tuple[list[int], dict[Any, torch.Tensor] | None]] = {}
 _BATCH_CACHE_LIMIT = 1024
-_MASKS: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 # Derived forms of each stacked weight tensor (fp32 copy, which slots are non-zero), per tensor
 # object (vLLM passes the same stacked tensors every step), checked by identity through a weak
 # reference and refreshed when the tensor's in-place version changes: vLLM loads and clears
@@ -69,8 +68,9 @@ _DERIVED: dict[tuple[int, str], tuple[weakref.ref, int, Any]] = {}
 _DERIVED_CACHE_LIMIT = 4096
 
 
-def _batch(indices: torch.Tensor, n_slots: int) -> tuple[list[int], torch.Tensor | None]:
-    """The adapter slots ``indices`` uses and, unless all rows share one, a one-hot mask.
+def _batch(indices: torch.Tensor, n_slots: int) -> tuple[list[int], dict[Any, torch.Tensor] | None]:
+    """The adapter slots ``indices`` uses and, unless all rows share one, a one-hot mask
+    (float32; other dtypes are added to the same dict when first asked for, by ``_mask``).
 
     Negative indices mean "no adapter": such rows get an all-zero mask row, so index -1 can
     never read the last slot (the upstream bug).
@@ -81,28 +81,25 @@ def _batch(indices: torch.Tensor, n_slots: int) -> tuple[list[int], torch.Tensor
         import torch
 
         slots = sorted({i for i in indices.tolist() if i >= 0})
-        onehot = None
+        masks = None
         if slots and not (len(slots) == 1 and bool((indices == slots[0]).all())):
             valid = (indices >= 0).unsqueeze(1)
             onehot = torch.nn.functional.one_hot(indices.clamp_min(0).long(), n_slots)
-            onehot = (onehot * valid).to(torch.float32)
+            masks = {torch.float32: (onehot * valid).to(torch.float32)}
         if len(_BATCHES) >= _BATCH_CACHE_LIMIT:
             _BATCHES.clear()
-        hit = _BATCHES[key] = (slots, onehot)
+        hit = _BATCHES[key] = (slots, masks)
     return hit
 
 
-def _mask(onehot: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The one-hot mask in ``dtype``, converted once per batch rather than once per op."""
-    if onehot.dtype == dtype:
-        return onehot
-    key = (id(onehot), dtype)
-    mask = _MASKS.get(key)
-    if mask is None or mask[0] is not onehot:
-        if len(_MASKS) >= _BATCH_CACHE_LIMIT:
-            _MASKS.clear()
-        mask = _MASKS[key] = (onehot, onehot.to(dtype))
-    return mask[1]
+def _mask(masks: dict[Any, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """The batch's one-hot mask in ``dtype``, converted once per batch rather than once per op."""
+    import torch
+
+    mask = masks.get(dtype)
+    if mask is None:
+        mask = masks[dtype] = masks[torch.float32].to(dtype)
+    return mask
 
 
 def _derived(weights: torch.Tensor, kind: str, make: Callable[[torch.Tensor], Any]) -> Any:
@@ -139,19 +136,19 @@ def _lora_matmul(
     import torch
 
     n_slots, n_out, n_in = weights.shape[0], weights.shape[-2], weights.shape[-1]
-    slots, onehot = _batch(indices, n_slots)
+    slots, masks = _batch(indices, n_slots)
     live = _live_slots(weights)
     if not any(live[s] for s in slots):
         return None
     shrink_like = n_out <= n_in  # [rows, in] @ [in, slots*out], then keep each row's slot
-    if onehot is None:
+    if masks is None:
         x = inputs.to(torch.float32)
         if shrink_like:
             stacked = _derived(weights, "f32-rows", lambda w: w.to(torch.float32).reshape(-1, n_in))
             return x @ stacked[slots[0] * n_out : (slots[0] + 1) * n_out].T
         stacked = _derived(weights, "f32-cols", lambda w: _by_columns(w.to(torch.float32)))
         return x @ stacked[slots[0] * n_in : (slots[0] + 1) * n_in]
-    x, mask = inputs.to(weights.dtype), _mask(onehot, weights.dtype)
+    x, mask = inputs.to(weights.dtype), _mask(masks, weights.dtype)
     if shrink_like:
         full = (x @ weights.reshape(-1, n_in).T).view(-1, n_slots, n_out)
         return (full * mask.unsqueeze(2)).sum(dim=1)
@@ -317,12 +314,13 @@ def lora_device(base_layer: Any) -> torch.device:
     ``layer.weight = None``; vLLM's LoRA wrapper then fails at engine start reading
     ``weight.device``. Any other tensor of the layer tells the device as well.
     """
+    import itertools
+
     import torch
 
     if getattr(base_layer, "weight", False) is None:
-        for tensor in list(base_layer.parameters()) + list(base_layer.buffers()):
-            return tensor.device
-        return torch.device("cpu")
+        tensor = next(itertools.chain(base_layer.parameters(), base_layer.buffers()), None)
+        return torch.device("cpu") if tensor is None else tensor.device
     return ORIGINALS["_get_lora_device"](base_layer)
 
 
