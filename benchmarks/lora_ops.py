@@ -15,7 +15,7 @@ import time
 import torch
 import vllm.lora.ops.torch_ops.lora_ops as upstream
 
-from loraswap import vllm_patches
+from loraswap.vllm_plugin import lora_kernels
 
 HIDDEN, INTERMEDIATE, KV, RANK = 576, 1536, 192, 16
 MODULES = [(HIDDEN, [HIDDEN, KV, KV]), (HIDDEN, [HIDDEN]), (HIDDEN, [INTERMEDIATE] * 2),
@@ -63,7 +63,7 @@ def main() -> None:
     print("| --- | ---: | ---: | ---: |")
     for name, idx in cases.items():
         before = ms_per_step(upstream, idx.clamp_min(0))
-        after = ms_per_step(vllm_patches, idx)
+        after = ms_per_step(lora_kernels, idx)
         print(f"| {name} | {before:.1f} | {after:.1f} | {before / after:.1f}x |")
 
 

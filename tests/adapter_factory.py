@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from loraswap.adapter_validation import BaseModelShapes
+from loraswap.adapters.validation import BaseModelShapes
 
 PREFIX = "base_model.model."
 

@@ -12,11 +12,20 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from loraswap.adapter_validation import BaseModelShapes
+from loraswap.adapters.validation import BaseModelShapes
 from tests.server import ROOT, Server, free_port
 
 BASE_MODEL = "smollm2-135m-instruct"
 SHIPPED = ROOT / "adapters"
+# Fixtures that start a real server (or build Bentos): their tests carry the `engine` marker, so
+# `pytest -m "not engine"` runs the fast tests alone, starting no server.
+ENGINE_FIXTURES = {"server", "client", "locked", "fp32_server", "built"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if ENGINE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.engine)
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import time
 
@@ -12,6 +13,7 @@ import pytest
 from httpx_ws import WebSocketUpgradeError, connect_ws
 from openai import OpenAI
 
+from loraswap.routes import BATCH_ENDPOINTS, INFERENCE_ROUTES
 from tests.conftest import BASE_MODEL, server_env
 from tests.server import Server
 
@@ -88,11 +90,64 @@ def test_websocket_needs_a_key(locked):
             assert events[-1]["usage"]["completion_tokens"] > 0
 
 
-def test_max_tokens_limit(locked):
-    too_many = {**CHAT, "max_tokens": 65}
-    for path in ("/v1/chat/completions", "/generate"):
-        resp = httpx.post(f"{locked.url}{path}", json=too_many, headers=auth(API_KEY), timeout=30)
-        assert resp.status_code == 400 and "at most 64" in resp.json()["error"]["message"]
+def _over_limit_via(locked, path: str, field: str) -> dict:
+    """Send one request asking for 65 tokens (limit 64) through ``path``; its error body."""
+    ask = [{"role": "user", "content": "Say hello."}]
+    body = {"model": BASE_MODEL, field: 65}
+    if path == "/v1/responses":
+        body["input"] = "Say hello."
+    elif path == "/v1/completions":
+        body["prompt"] = "Say hello."
+    else:
+        body["messages"] = ask
+    if path == "/ws/generate":
+        url = locked.url.replace("http://", "ws://") + f"{path}?api_key={API_KEY}"
+        with httpx.Client() as http, connect_ws(url, http) as ws:
+            ws.send_json({"id": "x", **body})
+            return ws.receive_json(timeout=60)
+    if path == "/generate_batch":
+        resp = httpx.post(f"{locked.url}{path}", json={"requests": [body]},
+                          headers=auth(API_KEY), timeout=60)  # fmt: skip
+        assert resp.status_code == 200, resp.text
+        return resp.json()["results"][0]
+    resp = httpx.post(f"{locked.url}{path}", json=body, headers=auth(API_KEY), timeout=60)
+    assert resp.status_code == 400, (path, resp.text)
+    return resp.json()
+
+
+def _over_limit_via_batch_line(locked, endpoint: str, field: str) -> dict:
+    client = OpenAI(base_url=f"{locked.url}/v1", api_key=API_KEY, max_retries=0)
+    key = "messages" if endpoint.endswith("chat/completions") else "prompt"
+    value = [{"role": "user", "content": "Hi"}] if key == "messages" else "Hi"
+    line = {"custom_id": "over", "method": "POST", "url": endpoint,
+            "body": {"model": BASE_MODEL, key: value, field: 65}}  # fmt: skip
+    upload = client.files.create(file=("in.jsonl", json.dumps(line).encode()), purpose="batch")
+    batch = client.batches.create(input_file_id=upload.id, endpoint=endpoint,
+                                  completion_window="24h")  # fmt: skip
+    deadline = time.monotonic() + 120
+    while batch.status not in ("completed", "failed") and time.monotonic() < deadline:
+        time.sleep(0.5)
+        batch = client.batches.retrieve(batch.id)
+    assert batch.status == "completed" and batch.error_file_id, batch
+    row = json.loads(client.files.content(batch.error_file_id).text.splitlines()[0])
+    assert row["response"]["status_code"] == 400
+    return row["response"]["body"]
+
+
+def test_max_tokens_limit_on_every_inference_route_and_batch_lines(locked):
+    """The same over-limit request through each route of the route table: one pipeline, so a
+    route added to the table without the limit fails here."""
+    seen = []
+    for path, route in INFERENCE_ROUTES.items():
+        for field in route.token_fields:
+            error = _over_limit_via(locked, path, field)
+            seen.append((path, field))
+            assert error["error"]["code"] == 400, (path, field, error)
+            assert "at most 64" in error["error"]["message"], (path, field, error)
+    for endpoint in BATCH_ENDPOINTS:
+        error = _over_limit_via_batch_line(locked, endpoint, "max_tokens")
+        assert "at most 64" in error["error"]["message"], (endpoint, error)
+    assert len(seen) >= 8
 
 
 def test_max_prompt_tokens(locked):

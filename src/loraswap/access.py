@@ -2,29 +2,18 @@
 
 It wraps BentoML's app, so it also guards ``/metrics`` and the health routes when configured.
 BentoML's own ``max_concurrency`` stays as an outer safety valve; this limit adds what it lacks:
-the OpenAI error shape, ``Retry-After``, and counting only inference traffic.
+the OpenAI error shape, ``Retry-After``, and counting only generating traffic.
 """
 
 from __future__ import annotations
 
 import hmac
-import json
 from typing import Any
 from urllib.parse import parse_qs
 
 from .config import Settings
-
-INFERENCE_PREFIXES = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/generate",
-                      "/ws/generate")  # fmt: skip
-ADMIN_PREFIXES = ("/admin/", "/v1/load_lora_adapter", "/v1/unload_lora_adapter")
-HEALTH_PATHS = ("/livez", "/readyz", "/healthz")
-OPEN_PATHS = ("/docs", "/docs.json", "/v1/docs", "/v1/openapi.json", "/")
-
-
-def error_body(status: int, message: str, err_type: str) -> bytes:
-    return json.dumps(
-        {"error": {"message": message, "type": err_type, "param": None, "code": status}}
-    ).encode()
+from .errors import ApiError, send_http
+from .routes import ADMIN_PREFIXES, HEALTH_PATHS, OPEN_PATHS, inference_route
 
 
 class AccessMiddleware:
@@ -58,22 +47,14 @@ class AccessMiddleware:
             return (query.get("api_key") or [None])[0]
         return None
 
-    async def _reject(self, scope, receive, send, status, message, err_type, headers=()):
+    @staticmethod
+    async def _reject(scope: dict, receive: Any, send: Any, exc: ApiError) -> None:
         if scope["type"] == "websocket":
             await receive()  # websocket.connect
-            await send({"type": "websocket.close", "code": 1008 if status == 401 else 1013,
-                        "reason": message[:120]})  # fmt: skip
+            code = 1008 if exc.status == 401 else 1013
+            await send({"type": "websocket.close", "code": code, "reason": exc.message[:120]})
             return
-        body = error_body(status, message, err_type)
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode()), *headers],
-            }
-        )  # fmt: skip
-        await send({"type": "http.response.body", "body": body})
+        await send_http(send, exc)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -86,22 +67,21 @@ class AccessMiddleware:
             if presented is None or not any(
                 hmac.compare_digest(presented.encode(), k.encode()) for k in keys
             ):
-                await self._reject(
-                    scope, receive, send, 401,
-                    "missing or invalid API key (send `Authorization: Bearer <key>`)",
-                    "AuthenticationError", [(b"www-authenticate", b"Bearer")],
-                )  # fmt: skip
+                await self._reject(scope, receive, send, ApiError(
+                    401, "missing or invalid API key (send `Authorization: Bearer <key>`)",
+                    headers={"www-authenticate": "Bearer"},
+                ))  # fmt: skip
                 return
-        if not path.startswith(INFERENCE_PREFIXES):
+        route = inference_route(path)
+        if route is None or not route.generates:
             await self.app(scope, receive, send)
             return
-        if self.inflight >= self.settings.max_concurrent_requests:
-            await self._reject(
-                scope, receive, send, 429,
-                f"too many concurrent requests (limit {self.settings.max_concurrent_requests})",
-                "RateLimitError",
-                [(b"retry-after", str(self.settings.retry_after_s).encode())],
-            )  # fmt: skip
+        limit = self.settings.max_concurrent_requests
+        if self.inflight >= limit:
+            await self._reject(scope, receive, send, ApiError(
+                429, f"too many concurrent requests (limit {limit})",
+                headers={"retry-after": str(self.settings.retry_after_s)},
+            ))  # fmt: skip
             return
         self.inflight += 1
         try:

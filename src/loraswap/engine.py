@@ -6,10 +6,10 @@ import logging
 import os
 import shlex
 from argparse import Namespace
-from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from . import vllm_compat
 from .config import Settings
 
 if TYPE_CHECKING:
@@ -19,9 +19,7 @@ logger = logging.getLogger(__name__)
 
 
 def is_cpu_build() -> bool:
-    from vllm.platforms import current_platform
-
-    return current_platform.is_cpu()
+    return vllm_compat.current_platform.is_cpu()
 
 
 def engine_cli_args(settings: Settings, model_path: str) -> list[str]:
@@ -53,38 +51,10 @@ def engine_cli_args(settings: Settings, model_path: str) -> list[str]:
 
 def parse_engine_args(settings: Settings, model_path: str) -> Namespace:
     """Parse with vLLM's own parser so every ``vllm serve`` flag and check applies."""
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-    parser = make_arg_parser(FlexibleArgumentParser(prog="loraswap-engine"))
+    parser = vllm_compat.make_arg_parser(vllm_compat.FlexibleArgumentParser(prog="loraswap-engine"))
     args = parser.parse_args(engine_cli_args(settings, model_path))
-    validate_parsed_serve_args(args)
+    vllm_compat.validate_parsed_serve_args(args)
     return args
-
-
-def limit_prompt_tokens(
-    generate: Callable[..., AsyncIterator[Any]], limit: int
-) -> Callable[..., AsyncIterator[Any]]:
-    """Wrap ``EngineClient.generate`` to refuse prompts over ``limit`` tokens on every route.
-
-    The error is vLLM's own validation error, which its serving layer answers with a 400.
-    """
-    from vllm.exceptions import VLLMValidationError
-
-    async def guarded(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
-        prompt = args[0] if args else kwargs.get("prompt")
-        ids = prompt.get("prompt_token_ids") if isinstance(prompt, dict) else None
-        if ids is not None and len(ids) > limit:
-            raise VLLMValidationError(
-                f"the prompt has {len(ids)} tokens; this server accepts at most {limit} "
-                "(LORASWAP_MAX_PROMPT_TOKENS)",
-                parameter="input_tokens",
-                value=len(ids),
-            )
-        async for output in generate(*args, **kwargs):
-            yield output
-
-    return guarded
 
 
 def export_cpu_env(settings: Settings) -> None:
@@ -106,11 +76,12 @@ class Engine:
 
     async def start(self) -> EngineClient:
         export_cpu_env(self.settings)
-        from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
-
+        vllm_compat.check_version()
         self.args = parse_engine_args(self.settings, self.model_path)
         logger.info("starting vLLM engine for %s", self.model_path)
-        self.client = await self._stack.enter_async_context(build_async_engine_client(self.args))
+        self.client = await self._stack.enter_async_context(
+            vllm_compat.build_async_engine_client(self.args)
+        )
         return self.client
 
     async def stop(self) -> None:

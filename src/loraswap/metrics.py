@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from typing import Any
-
 from prometheus_client import Counter, Gauge, Histogram
 
 LABELS = ("adapter", "version")
@@ -30,38 +27,6 @@ EVICTIONS = Counter("loraswap_adapter_evictions", "LRU evictions from the engine
 def split_key(key: str) -> tuple[str, str]:
     name, _, version = key.partition("@")
     return name, version
-
-
-def count_tokens(
-    generate: Callable[..., AsyncIterator[Any]],
-    on_done: Callable[[str, int, int], None],
-) -> Callable[..., AsyncIterator[Any]]:
-    """Wrap ``EngineClient.generate`` to count each adapter request's prompt and output tokens.
-
-    At the engine, every route (OpenAI, native, batch) is counted once, with exact token counts.
-    """
-    from vllm.sampling_params import RequestOutputKind
-
-    async def generate_counted(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
-        lora = kwargs.get("lora_request")
-        if lora is None:
-            async for output in generate(*args, **kwargs):
-                yield output
-            return
-        params = kwargs.get("sampling_params", args[1] if len(args) > 1 else None)
-        delta = getattr(params, "output_kind", None) == RequestOutputKind.DELTA
-        prompt_tokens = generated = 0
-        try:
-            async for output in generate(*args, **kwargs):
-                if output.prompt_token_ids is not None:
-                    prompt_tokens = len(output.prompt_token_ids)
-                produced = sum(len(o.token_ids) for o in output.outputs)
-                generated = generated + produced if delta else produced
-                yield output
-        finally:
-            on_done(lora.lora_name, prompt_tokens, generated)
-
-    return generate_counted
 
 
 def record_tokens(key: str, prompt_tokens: int, generated: int) -> None:

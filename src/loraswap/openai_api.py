@@ -1,4 +1,5 @@
-"""The OpenAI-compatible routes: vLLM's own serving layer mounted on our FastAPI app."""
+"""The ASGI app BentoML mounts at ``/``: vLLM's OpenAI serving layer plus loraswap's routers,
+with the request pipeline in front of vLLM's inference routes."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 
+from . import errors, vllm_compat
 from .config import Settings
+from .pipeline import PipelineMiddleware, VllmHandlers
 
 if TYPE_CHECKING:
     from argparse import Namespace
@@ -15,14 +18,11 @@ if TYPE_CHECKING:
 
 
 def create_app(settings: Settings) -> FastAPI:
-    """The ASGI app BentoML mounts at ``/``; vLLM's routes carry their own ``/v1`` prefix.
-
-    vLLM's exception handlers are installed now, before the first request freezes the
-    middleware stack, so client mistakes become 4xx in the OpenAI error shape, not 500.
-    """
-    from vllm.entrypoints.serve.exception_handling.register import init_exception_handler
-
-    from . import admin_api, batches
+    """vLLM's routes carry their own ``/v1`` prefix. Exception handlers and middleware are
+    installed now, before the first request freezes the middleware stack, so client mistakes
+    become 4xx in the OpenAI error shape, not 500."""
+    from .adapters.router import router as adapters_router
+    from .batches import router as batches_router
     from .native.router import router as native_router
 
     app = FastAPI(
@@ -31,21 +31,29 @@ def create_app(settings: Settings) -> FastAPI:
         openapi_url="/v1/openapi.json",
         redoc_url=None,
     )
-    app.state.registry = None
-    app.state.settings = settings
-    init_exception_handler(app)
-    admin_api.install(app)
+    app.state.runtime = None
+    vllm_compat.init_exception_handler(app)
+    errors.install(app)
+    app.include_router(adapters_router)  # before vLLM's: its /v1/models lists adapters too
     app.include_router(native_router)
-    batches.install(app)
+    app.include_router(batches_router)
+    app.add_middleware(PipelineMiddleware, pipeline_of=lambda: _pipeline(app))
     return app
 
 
-async def attach_engine(app: FastAPI, engine_client: EngineClient, args: Namespace) -> None:
-    """Register vLLM's routers and serving state once the engine is up."""
-    from vllm.entrypoints.launchers.api_server.app_state import init_app_state
-    from vllm.entrypoints.launchers.api_server.routers import register_api_routers
+def _pipeline(app: FastAPI):
+    runtime = app.state.runtime
+    return runtime.pipeline if runtime is not None else None
 
-    supported_tasks = await engine_client.get_supported_tasks()
+
+async def attach_engine(app: FastAPI, client: EngineClient, args: Namespace) -> VllmHandlers:
+    """Register vLLM's routers and serving state once the engine is up."""
+    supported_tasks = await client.get_supported_tasks()
     app.state.args = args  # register_api_routers reads it
-    register_api_routers(args, app, supported_tasks, engine_client.model_config)
-    await init_app_state(engine_client, app.state, args, supported_tasks)
+    vllm_compat.register_api_routers(args, app, supported_tasks, client.model_config)
+    await vllm_compat.init_app_state(client, app.state, args, supported_tasks)
+    return VllmHandlers(
+        chat=app.state.openai_serving_chat,
+        completion=app.state.openai_serving_completion,
+        models=app.state.openai_serving_models,
+    )

@@ -2,7 +2,7 @@
 
 W8A8: int8 weights with one symmetric scale per output channel, activations quantized to int8
 per token at run time. vLLM's CPU backend runs it with oneDNN int8 GEMMs (no AMX needed), and
-LoRA adapters keep working on top (with ``loraswap.vllm_patches``). Round-to-nearest needs no
+LoRA adapters keep working on top (with ``loraswap.vllm_plugin``). Round-to-nearest needs no
 calibration data, so it works offline; only the decoder's linear layers are quantized
 (embeddings, the tied LM head and norms stay as they are). vLLM detects the format from
 ``config.json``; no serving flag is needed.

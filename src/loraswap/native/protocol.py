@@ -46,14 +46,9 @@ class GenerateRequest(BaseModel):
             raise ValueError("give exactly one of `prompt` or `messages`")
         return self
 
-    def openai_body(self, model: str, stream: bool) -> dict[str, Any]:
+    def openai_body(self) -> dict[str, Any]:
         """The equivalent OpenAI chat/completions body for vLLM's serving layer."""
-        body = self.model_dump(exclude_none=True, exclude={"model"})
-        body["model"] = model
-        if stream:
-            body["stream"] = True
-            body["stream_options"] = {"include_usage": True}
-        return body
+        return self.model_dump(exclude_none=True)
 
 
 class Usage(BaseModel):

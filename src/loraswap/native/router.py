@@ -9,24 +9,19 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 
+from ..errors import ApiError
+from ..runtime import runtime_of
 from .protocol import BatchRequest, BatchResponse, ErrorResult, GenerateRequest, GenerateResponse
-from .serving import NativeError, NativeServing
+from .serving import NativeServing, parse
 
 ERRORS = {code: {"model": ErrorResult} for code in (400, 401, 404, 429, 503)}
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def serving(request: Request | WebSocket) -> NativeServing:
-    state = request.app.state
-    if getattr(state, "openai_serving_chat", None) is None:
-        raise NativeError.of(503, "the engine is still starting", "ServiceUnavailableError")
-    return NativeServing(state)
-
-
-def error_response(exc: NativeError) -> JSONResponse:
-    return JSONResponse(exc.result.model_dump(), status_code=exc.result.error.code)
+def serving(conn: Request | WebSocket) -> NativeServing:
+    return NativeServing(runtime_of(conn).pipeline)
 
 
 def sse(payload: Any, event: str | None = None) -> str:
@@ -40,10 +35,7 @@ router = APIRouter(tags=["Native"])
 @router.post("/generate", response_model=GenerateResponse, responses=ERRORS)
 async def generate(body: GenerateRequest, request: Request):
     """Generate text for one prompt or chat; returns ``{text, model, finish_reason, usage}``."""
-    try:
-        return await serving(request).generate(body, request)
-    except NativeError as exc:
-        return error_response(exc)
+    return await serving(request).generate(body, request)
 
 
 @router.post(
@@ -53,30 +45,26 @@ async def generate(body: GenerateRequest, request: Request):
 async def generate_stream(body: GenerateRequest, request: Request):
     """Server-Sent Events: ``data: {text, index, model, finish_reason}`` per delta, then
     ``data: {done: true, usage}`` and ``data: [DONE]``; a later failure is an ``error`` event."""
+    events = await serving(request).stream(body, request)
     try:
-        events = serving(request).stream(body, request)
         first = await anext(events)  # errors before the first byte are plain 4xx
-        if "error" in first:
-            await events.aclose()
-            raise NativeError(ErrorResult.model_validate(first))
-    except NativeError as exc:
-        return error_response(exc)
     except StopAsyncIteration:
-        first, events = None, None
+        first = None
+    if first is not None and "error" in first:
+        await events.aclose()
+        raise ApiError.from_body(first)
 
     async def frames() -> AsyncIterator[str]:
         try:
             if first is not None:
-                yield sse(first, "error" if "error" in first else None)
-            if events is not None:
+                yield sse(first)
                 async for event in events:
                     yield sse(event, "error" if "error" in event else None)
             yield "data: [DONE]\n\n"
-        except NativeError as exc:
-            yield sse(exc.result.model_dump(), "error")
+        except ApiError as exc:
+            yield sse(exc.body(), "error")
         finally:
-            if events is not None:
-                await events.aclose()
+            await events.aclose()
 
     return StreamingResponse(frames(), media_type="text/event-stream", headers=SSE_HEADERS)
 
@@ -85,22 +73,20 @@ async def generate_stream(body: GenerateRequest, request: Request):
 async def generate_batch(body: BatchRequest, request: Request):
     """Run every request at once (the engine batches them); one item's failure stays in its
     slot. Results come back in input order."""
-    limit = request.app.state.settings.max_batch_size
+    runtime = runtime_of(request)
+    limit = runtime.settings.max_batch_size
     if len(body.requests) > limit:
-        return error_response(
-            NativeError.of(400, f"a batch holds at most {limit} requests, got {len(body.requests)}",
-                           param="requests")
+        raise ApiError(
+            400, f"a batch holds at most {limit} requests, got {len(body.requests)}",
+            param="requests",
         )  # fmt: skip
-    try:
-        native = serving(request)
-    except NativeError as exc:
-        return error_response(exc)
+    native = NativeServing(runtime.pipeline)
 
     async def one(item: Any) -> GenerateResponse | ErrorResult:
         try:
-            return await native.generate(native.parse(item))
-        except NativeError as exc:
-            return exc.result
+            return await native.generate(parse(item))
+        except ApiError as exc:
+            return ErrorResult.model_validate(exc.body())
 
     return BatchResponse(results=list(await asyncio.gather(*(one(i) for i in body.requests))))
 
@@ -119,10 +105,10 @@ async def ws_generate(ws: WebSocket) -> None:
 
     async def run(rid: str, req: GenerateRequest) -> None:
         try:
-            async for event in serving(ws).stream(req):
+            async for event in await serving(ws).stream(req):
                 await send({"id": rid, **event})
-        except NativeError as exc:
-            await send({"id": rid, **exc.result.model_dump()})
+        except ApiError as exc:
+            await send({"id": rid, **exc.body()})
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
                 await send({"id": rid, "cancelled": True, "done": True})
@@ -131,7 +117,7 @@ async def ws_generate(ws: WebSocket) -> None:
             tasks.pop(rid, None)
 
     async def reject(rid: Any, message: str) -> None:
-        await send({"id": rid, **NativeError.of(400, message).result.model_dump()})
+        await send({"id": rid, **ApiError(400, message).body()})
 
     try:
         while True:

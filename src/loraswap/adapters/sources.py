@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .adapter_validation import ADAPTER_CONFIG, AdapterInvalid, inside_roots
+from .validation import ADAPTER_CONFIG, AdapterInvalid, inside_roots
 
 HF_SOURCE = re.compile(r"^hf://(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+))?$")
 ADAPTER_FILES = [ADAPTER_CONFIG, "adapter_model.safetensors", "README.md"]

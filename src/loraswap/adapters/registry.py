@@ -1,0 +1,290 @@
+"""The adapter registry: the catalog (what is registered, persisted, shared by replicas) and
+this replica's residency (what the engine serves), kept in step.
+
+It is what the request pipeline resolves ``model`` with and what the adapter admin API changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from ..config import Settings
+from ..errors import ApiError
+from .catalog import AdapterRecord, AliasRecord, Catalog, CatalogState, CatalogStore, VersionRecord
+from .keys import AdapterKey
+from .residency import AdapterEngine, Residency
+from .sources import materialize
+from .validation import AdapterInfo, AdapterInvalid, BaseModelShapes, check_name, validate_adapter
+
+logger = logging.getLogger(__name__)
+
+
+class AdapterRegistry:
+    """Registers, validates, loads and evicts adapters; resolves the OpenAI ``model`` field."""
+
+    def __init__(self, settings: Settings, shapes: BaseModelShapes, engine: AdapterEngine) -> None:
+        self.settings = settings
+        self.base_name = settings.served_model_name
+        self.shapes = shapes
+        self.catalog = Catalog(
+            CatalogStore(settings.registry_uri, settings.fsspec_storage_options), self.base_name
+        )
+        self.residency = Residency(engine, settings.max_cpu_loras, self.catalog.pinned_keys)
+        self._lock = asyncio.Lock()
+        self._sync_task: asyncio.Task[None] | None = None
+
+    # ----- the pipeline's interface ----------------------------------------------------------
+    def resolve(self, model: str) -> AdapterKey | None:
+        """The servable version ``model`` names on this replica; None if not an adapter."""
+        key = self.catalog.resolve(model)
+        return key if key is not None and self.residency.is_servable(key) else None
+
+    async def ensure_loaded(self, key: AdapterKey) -> None:
+        await self.residency.ensure_loaded(key)
+
+    def record_request(self, key: AdapterKey, ok: bool) -> None:
+        self.residency.record(key, ok)
+
+    # ----- persistence and replicas --------------------------------------------------------
+    async def restore(self) -> None:
+        """Load the persisted catalog and expose every valid version (pinned ones loaded)."""
+        state = await self.catalog.fetch()
+        async with self._lock:
+            await self._adopt(state)
+        if self.settings.registry_poll_s > 0:
+            self._sync_task = asyncio.create_task(self._poll())
+
+    async def preload(self, root: Path) -> None:
+        """Register the adapters shipped in ``root`` (by directory name) that are not yet known."""
+        if not root.is_dir():
+            return
+        for directory in sorted(p for p in root.iterdir() if (p / "adapter_config.json").is_file()):
+            if directory.name in self.catalog.state.adapters:
+                continue
+            try:
+                await self.register(directory.name, str(directory.resolve()))
+                logger.info("registered shipped adapter %s", directory.name)
+            except ApiError as exc:
+                logger.error("shipped adapter %s not registered: %s", directory.name, exc.message)
+
+    async def close(self) -> None:
+        if self._sync_task is not None:
+            self._sync_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sync_task
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.registry_poll_s)
+            try:
+                state = await self.catalog.fetch()
+                if state.revision != self.catalog.state.revision:
+                    async with self._lock:
+                        await self._adopt(state)
+                    logger.info("registry changed elsewhere: now at revision %d", state.revision)
+            except Exception as exc:
+                logger.error("registry sync failed: %s", exc)
+
+    async def _adopt(self, state: CatalogState) -> None:
+        """Make this replica serve ``state``: expose new versions, drop removed ones."""
+        wanted = {rec.key(ver.version): ver for rec, ver in state.versions()}
+        for key in list(self.residency.servable):
+            if key not in wanted:
+                await self.residency.forget(key)
+        self.catalog.state = state
+        for key, ver in wanted.items():
+            if self.residency.is_servable(key):
+                continue
+            try:
+                path, _ = await self._prepare(key, ver.source)
+            except AdapterInvalid as exc:
+                self.residency.mark_broken(key, str(exc))
+                logger.error("adapter %s cannot be served: %s", key, exc)
+                continue
+            self.residency.expose(key, ver.lora_int_id, path)
+        for key in state.pinned_keys():
+            with contextlib.suppress(ApiError):
+                await self.residency.pin(key)
+
+    async def _commit(self, mutate: Any) -> Any:
+        return await self.catalog.commit(mutate, self._adopt)
+
+    async def _prepare(self, key: AdapterKey, source: str) -> tuple[Path, AdapterInfo]:
+        """Fetch and validate an adapter without touching the engine."""
+
+        def work() -> tuple[Path, AdapterInfo]:
+            got = materialize(
+                source,
+                name=key.name,
+                version=key.version,
+                roots=self.settings.adapter_roots,
+                cache_dir=self.settings.adapter_cache_dir,
+                storage_options=self.settings.fsspec_storage_options,
+            )
+            return got.path, validate_adapter(got.path, self.shapes, self.settings.max_lora_rank)
+
+        return await asyncio.to_thread(work)
+
+    # ----- mutations -----------------------------------------------------------------------
+    async def register(
+        self,
+        name: str,
+        source: str,
+        version: str | None = None,
+        promote: bool = True,
+        load: bool = False,
+    ) -> dict[str, Any]:
+        """Validate and add a version; point the alias at it when ``promote``."""
+        try:
+            check_name(name)
+            if version is not None:
+                check_name(version, "version")
+        except AdapterInvalid as exc:
+            raise ApiError(400, str(exc), param="lora_name") from None
+        if name == self.base_name:
+            raise ApiError(400, f"{name!r} is the base model's name", param="lora_name")
+        if not isinstance(source, str) or not source.strip():
+            raise ApiError(400, "source (lora_path) must be a non-empty string", param="source")
+
+        async with self._lock:
+            existing = self.catalog.state.adapters.get(name)
+            if existing is not None:
+                same = [v for v in existing.versions.values() if v.source == source]
+                if version is None and same:
+                    version = same[-1].version  # re-registering the same source: no new version
+                if version in existing.versions and existing.versions[version].source != source:
+                    raise ApiError(409, f"{name}@{version} exists with another source")
+            if version is None:
+                version = existing.next_version() if existing else "v1"
+            key = AdapterKey(name, version)
+            created = existing is None or version not in existing.versions
+            if created:
+                try:
+                    path, info = await self._prepare(key, source)
+                except AdapterInvalid as exc:
+                    message = f"adapter {str(key)!r} rejected: {exc}"
+                    raise ApiError(400, message, param="source") from None
+
+            async def mutate(state: CatalogState) -> None:
+                record = state.adapters.get(name)
+                if created:
+                    ver = VersionRecord(
+                        version=version, source=source, lora_int_id=state.next_lora_id,
+                        rank=info.rank, alpha=info.alpha, target_modules=info.target_modules,
+                        size_bytes=info.size_bytes, registered_at=time.time(),
+                    )  # fmt: skip
+                    state.next_lora_id += 1
+                    if record is None:
+                        record = AdapterRecord(name=name, alias=AliasRecord(version=version))
+                        state.adapters[name] = record
+                    record.versions[version] = ver
+                    self.residency.expose(key, ver.lora_int_id, path)
+                if promote and record.alias.version != version:
+                    record.alias = AliasRecord(version=version)
+
+            await self._commit(mutate)
+        if load:
+            await self.residency.ensure_loaded(key)
+        return {"name": name, "version": version, "created": created, **self.describe(name)}
+
+    async def delete(self, name: str, version: str | None = None) -> None:
+        async with self._lock:
+            record = self.catalog.record(name)
+            if version is not None:
+                self.catalog.version(AdapterKey(name, version))
+                if record.alias.version == version and len(record.versions) > 1:
+                    raise ApiError(
+                        409,
+                        f"{name}@{version} is the alias target; point the alias elsewhere first",
+                    )
+            keys = [record.key(v) for v in ([version] if version else record.versions)]
+
+            async def mutate(state: CatalogState) -> None:
+                rec = state.adapters[name]
+                if version is None or len(rec.versions) == 1:
+                    del state.adapters[name]
+                else:
+                    del rec.versions[version]
+                    if rec.alias.canary_version == version:
+                        rec.alias = AliasRecord(version=rec.alias.version)
+
+            await self._commit(mutate)
+            for key in keys:
+                await self.residency.forget(key)
+
+    async def set_alias(
+        self, name: str, version: str, canary_version: str | None = None, canary_weight: float = 0
+    ) -> dict[str, Any]:
+        async with self._lock:
+            self.catalog.version(AdapterKey(name, version))
+            if canary_version is not None:
+                self.catalog.version(AdapterKey(name, canary_version))
+            if not 0 <= canary_weight <= 1:
+                raise ApiError(400, "canary_weight must be within [0, 1]", param="canary_weight")
+            alias = AliasRecord(
+                version=version,
+                canary_version=canary_version,
+                canary_weight=canary_weight if canary_version else 0.0,
+            )
+
+            async def mutate(state: CatalogState) -> None:
+                state.adapters[name].alias = alias
+
+            await self._commit(mutate)
+        return self.describe(name)
+
+    async def set_pinned(self, name: str, pinned: bool) -> dict[str, Any]:
+        async with self._lock:
+            record = self.catalog.record(name)
+            if pinned and not record.pinned:
+                limit = self.settings.max_loras - 1
+                if len(self.catalog.pinned_keys()) >= limit:
+                    raise ApiError(409, f"at most {limit} adapters may be pinned (max_loras - 1)")
+
+            async def mutate(state: CatalogState) -> None:
+                state.adapters[name].pinned = pinned
+
+            await self._commit(mutate)
+        key = record.alias_key
+        if pinned:
+            await self.residency.pin(key)
+        else:
+            await self.residency.evict(key)  # the engine keeps pins until the adapter is removed
+        return self.describe(name)
+
+    async def load(self, key: AdapterKey) -> None:
+        self.catalog.version(key)
+        await self.residency.ensure_loaded(key)
+
+    async def unload(self, key: AdapterKey) -> None:
+        """Evict from the engine but keep registered (it loads again on the next request)."""
+        if not self.residency.is_servable(key):
+            raise ApiError(404, f"{str(key)!r} is not registered", param="model")
+        await self.residency.evict(key)
+
+    # ----- observation ---------------------------------------------------------------------
+    def describe(self, name: str) -> dict[str, Any]:
+        record = self.catalog.record(name)
+        versions = [
+            {**ver.model_dump(), "id": str(record.key(ver.version)),
+             **self.residency.facts(record.key(ver.version))}
+            for ver in record.versions.values()
+        ]  # fmt: skip
+        return {
+            "name": name,
+            "alias": record.alias.model_dump(),
+            "pinned": record.pinned,
+            "versions": versions,
+        }
+
+    def listing(self) -> list[dict[str, Any]]:
+        return [self.describe(name) for name in sorted(self.catalog.state.adapters)]
+
+    def model_ids(self) -> list[tuple[str, AdapterKey]]:
+        """(model id, version it serves) for each servable alias and version (``/v1/models``)."""
+        return [(i, k) for i, k in self.catalog.model_ids() if self.residency.is_servable(k)]

@@ -1,0 +1,212 @@
+"""Adapter residency on this replica: which versions the engine can serve, which sit in its
+slots (LRU over ``capacity``, pins never evicted), one shared load per version, and per-version
+request counts. It talks to the engine only through the small :class:`AdapterEngine` interface,
+so it is tested against a fake engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from .. import metrics, vllm_compat
+from ..errors import ApiError
+from .keys import AdapterKey
+
+logger = logging.getLogger(__name__)
+
+
+class AdapterEngine(Protocol):
+    """What residency needs of the engine and its serving layer."""
+
+    def expose(self, key: AdapterKey, lora_int_id: int, path: Path) -> None:
+        """Make the serving layer accept ``key`` as a model name (weights not loaded)."""
+
+    def withdraw(self, key: AdapterKey) -> None: ...
+
+    async def load(self, key: AdapterKey) -> None: ...
+
+    async def unload(self, key: AdapterKey) -> None: ...
+
+    async def pin(self, key: AdapterKey) -> None: ...
+
+
+class VllmAdapterEngine:
+    """:class:`AdapterEngine` on vLLM: ``LoRARequest``s in the OpenAI serving models' table and
+    the engine client's add/remove/pin calls."""
+
+    def __init__(self, client: Any, serving_models: Any, base_name: str) -> None:
+        self.client = client
+        self.serving_models = serving_models
+        self.base_name = base_name
+
+    def expose(self, key: AdapterKey, lora_int_id: int, path: Path) -> None:
+        self.serving_models.lora_requests[str(key)] = vllm_compat.LoRARequest(
+            lora_name=str(key),
+            lora_int_id=lora_int_id,
+            lora_path=str(path),
+            base_model_name=self.base_name,
+        )
+
+    def withdraw(self, key: AdapterKey) -> None:
+        self.serving_models.lora_requests.pop(str(key), None)
+
+    def _request(self, key: AdapterKey) -> Any:
+        return self.serving_models.lora_requests[str(key)]
+
+    async def load(self, key: AdapterKey) -> None:
+        await self.client.add_lora(self._request(key))
+
+    async def unload(self, key: AdapterKey) -> None:
+        await self.client.remove_lora(self._request(key).lora_int_id)
+
+    async def pin(self, key: AdapterKey) -> None:
+        await self.client.pin_lora(self._request(key).lora_int_id)
+
+
+@dataclass
+class Resident:
+    """Runtime facts of one servable version on this replica."""
+
+    path: Path
+    loaded_at: float | None = None
+    load_seconds: float | None = None
+    requests: int = 0
+    errors: int = 0
+    last_used: float = 0.0
+    loading: asyncio.Future[None] | None = field(default=None, repr=False)
+
+
+class Residency:
+    def __init__(
+        self, engine: AdapterEngine, capacity: int, pinned: Callable[[], set[AdapterKey]]
+    ) -> None:
+        self.engine = engine
+        self.capacity = capacity
+        self.pinned = pinned
+        self.servable: dict[AdapterKey, Resident] = {}
+        self.lru: OrderedDict[AdapterKey, None] = OrderedDict()
+        self.broken: dict[AdapterKey, str] = {}
+
+    # ----- what can be served --------------------------------------------------------------
+    def expose(self, key: AdapterKey, lora_int_id: int, path: Path) -> None:
+        self.engine.expose(key, lora_int_id, path)
+        self.servable[key] = Resident(path=path)
+        self.broken.pop(key, None)
+
+    def mark_broken(self, key: AdapterKey, reason: str) -> None:
+        self.broken[key] = reason
+
+    async def forget(self, key: AdapterKey) -> None:
+        """Stop serving ``key``: out of the slots and the serving layer."""
+        loaded = key in self.lru
+        self.servable.pop(key, None)
+        self.broken.pop(key, None)
+        if loaded:
+            self.lru.pop(key)
+            metrics.RESIDENT.labels(*key).set(0)
+            with contextlib.suppress(Exception):
+                await self.engine.unload(key)
+        self.engine.withdraw(key)
+
+    def is_servable(self, key: AdapterKey) -> bool:
+        return key in self.servable
+
+    def is_loaded(self, key: AdapterKey) -> bool:
+        return key in self.lru
+
+    def status(self, key: AdapterKey) -> str:
+        if key in self.broken:
+            return "broken"
+        if key in self.pinned():
+            return "pinned"
+        if key in self.lru:
+            return "loaded"
+        return "registered"
+
+    # ----- slots ---------------------------------------------------------------------------
+    async def ensure_loaded(self, key: AdapterKey) -> None:
+        """Load ``key`` into an engine slot if needed; concurrent callers share one load."""
+        res = self.servable.get(key)
+        if res is None:
+            raise ApiError(404, f"model {str(key)!r} is not servable", param="model")
+        res.last_used = time.time()
+        if key in self.lru:
+            self.lru.move_to_end(key)
+            return
+        if res.loading is None:
+            res.loading = asyncio.ensure_future(self._load(key, res))
+        try:
+            await asyncio.shield(res.loading)
+        finally:
+            if res.loading is not None and res.loading.done():
+                res.loading = None
+
+    async def _load(self, key: AdapterKey, res: Resident) -> None:
+        await self._make_room()
+        started = time.perf_counter()
+        try:
+            await self.engine.load(key)
+        except Exception as exc:
+            raise ApiError(503, f"adapter {str(key)!r} failed to load: {exc}") from exc
+        res.load_seconds = time.perf_counter() - started
+        res.loaded_at = time.time()
+        self.lru[key] = None
+        metrics.LOAD_SECONDS.labels(*key).observe(res.load_seconds)
+        metrics.RESIDENT.labels(*key).set(1)
+        logger.info("loaded adapter %s in %.3fs", key, res.load_seconds)
+
+    async def _make_room(self) -> None:
+        pinned = self.pinned()
+        while len(self.lru) >= self.capacity:
+            victim = next((k for k in self.lru if k not in pinned), None)
+            if victim is None:
+                raise ApiError(503, "every adapter slot is pinned; unpin one")
+            await self.evict(victim)
+            metrics.EVICTIONS.labels(*victim).inc()
+
+    async def evict(self, key: AdapterKey) -> None:
+        """Out of the engine's slots; still servable (it loads again on the next request)."""
+        if key not in self.lru:
+            return
+        self.lru.pop(key)
+        await self.engine.unload(key)
+        res = self.servable.get(key)
+        if res is not None:
+            res.loaded_at = None
+        metrics.RESIDENT.labels(*key).set(0)
+        logger.info("evicted adapter %s", key)
+
+    async def pin(self, key: AdapterKey) -> None:
+        await self.ensure_loaded(key)
+        await self.engine.pin(key)
+
+    # ----- observation ---------------------------------------------------------------------
+    def record(self, key: AdapterKey, ok: bool) -> None:
+        res = self.servable.get(key)
+        metrics.REQUESTS.labels(*key).inc()
+        if res is not None:
+            res.requests += 1
+        if not ok:
+            metrics.ERRORS.labels(*key).inc()
+            if res is not None:
+                res.errors += 1
+
+    def facts(self, key: AdapterKey) -> dict[str, Any]:
+        res = self.servable.get(key)
+        return {
+            "status": self.status(key),
+            "error": self.broken.get(key),
+            "loaded_at": res.loaded_at if res else None,
+            "load_seconds": res.load_seconds if res else None,
+            "requests": res.requests if res else 0,
+            "errors": res.errors if res else 0,
+            "last_used": res.last_used if res else None,
+        }

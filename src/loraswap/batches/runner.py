@@ -1,0 +1,253 @@
+"""Creates, runs, resumes and cancels batch jobs inside the server process.
+
+Each line goes through the same :class:`~loraswap.pipeline.RequestPipeline` as an interactive
+request (limits, adapter resolution and loading, per-adapter metrics), so a batch cannot do
+what a client could not. A job runs in the background with bounded concurrency so interactive
+traffic keeps most of the engine; one line's failure never fails the job. All store access
+runs in a thread: SQLite and file I/O must not stall the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ..errors import ApiError
+from ..routes import BATCH_ENDPOINTS
+from .protocol import (
+    ACTIVE,
+    CANCELLABLE,
+    COMPLETION_WINDOW,
+    Batch,
+    BatchCreateRequest,
+    BatchError,
+    BatchErrors,
+    BatchInputLine,
+    BatchRequestCounts,
+    FileDeleted,
+    FileObject,
+    new_batch,
+    new_id,
+    output_line,
+    parse_input,
+)
+from .store import BatchStore
+
+logger = logging.getLogger(__name__)
+
+
+class LinePipeline(Protocol):
+    """What the runner needs of :class:`~loraswap.pipeline.RequestPipeline`."""
+
+    async def run(self, path: str, body: dict[str, Any], raw: Any = None) -> Any: ...
+
+
+@dataclass
+class Job:
+    """A job running in this process; ``cancelled`` stops it starting more lines."""
+
+    task: asyncio.Task[None] | None = None
+    cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def move(batch: Batch, status: str) -> None:
+    """Set ``status`` and its ``<status>_at`` time (each status a job moves to has one)."""
+    batch.status = status  # type: ignore[assignment]
+    setattr(batch, f"{status}_at", now())
+
+
+class BatchRunner:
+    """The Files and Batch APIs' operations; jobs run as tasks on the caller's event loop."""
+
+    def __init__(self, pipeline: LinePipeline, store: BatchStore, concurrency: int) -> None:
+        self.pipeline = pipeline
+        self.store = store
+        self.concurrency = max(1, concurrency)
+        self.jobs: dict[str, Job] = {}
+
+    # ----- files ---------------------------------------------------------------------------
+    async def add_file(self, filename: str, purpose: str, data: bytes) -> FileObject:
+        return await asyncio.to_thread(self.store.add_file, filename, purpose, data)
+
+    async def files(self) -> list[FileObject]:
+        return await asyncio.to_thread(self.store.files)
+
+    async def file(self, file_id: str, param: str = "file_id") -> FileObject:
+        found = await asyncio.to_thread(self.store.file, file_id)
+        if found is None:
+            raise ApiError(404, f"no file {file_id!r}", param=param)
+        return found
+
+    async def content(self, file_id: str) -> bytes:
+        data = await asyncio.to_thread(self.store.content, file_id)
+        if data is None:
+            raise ApiError(404, f"no file {file_id!r}", param="file_id")
+        return data
+
+    async def delete_file(self, file_id: str) -> FileDeleted:
+        if not await asyncio.to_thread(self.store.delete_file, file_id):
+            raise ApiError(404, f"no file {file_id!r}", param="file_id")
+        return FileDeleted(id=file_id, object="file", deleted=True)
+
+    # ----- batches -------------------------------------------------------------------------
+    async def batches(self) -> list[Batch]:
+        return await asyncio.to_thread(self.store.batches)
+
+    async def batch(self, batch_id: str) -> Batch:
+        found = await asyncio.to_thread(self.store.batch, batch_id)
+        if found is None:
+            raise ApiError(404, f"no batch {batch_id!r}", param="batch_id")
+        return found
+
+    async def create(self, request: BatchCreateRequest) -> Batch:
+        """Check and store a new job, then start it in the background."""
+        if request.endpoint not in BATCH_ENDPOINTS:
+            raise ApiError(
+                400, f"endpoint must be one of {list(BATCH_ENDPOINTS)}", param="endpoint"
+            )
+        if request.completion_window != COMPLETION_WINDOW:
+            raise ApiError(
+                400, f"completion_window must be {COMPLETION_WINDOW}", param="completion_window"
+            )
+        input_file = await self.file(request.input_file_id, param="input_file_id")
+        if input_file.purpose != "batch":
+            raise ApiError(400, "the input file's purpose must be batch", param="input_file_id")
+        batch = new_batch(request.endpoint, input_file.id, now(), request.metadata)
+        await asyncio.to_thread(self.store.add_batch, batch)
+        self._start(batch.id)
+        return batch
+
+    async def cancel(self, batch_id: str) -> Batch:
+        """Stop starting lines; lines in flight finish and are kept in the output."""
+
+        def cancelling(batch: Batch) -> None:
+            if batch.status in CANCELLABLE:
+                move(batch, "cancelling")
+
+        batch = await asyncio.to_thread(self.store.update, batch_id, cancelling)
+        if batch is None:
+            raise ApiError(404, f"no batch {batch_id!r}", param="batch_id")
+        job = self.jobs.get(batch_id)
+        if job is not None and batch.status == "cancelling":
+            job.cancelled.set()
+        return batch
+
+    async def resume(self) -> None:
+        """Restart the jobs a previous process left unfinished (finished lines are kept)."""
+        for batch in await self.batches():
+            if batch.status in ACTIVE and batch.id not in self.jobs:
+                logger.info("resuming batch %s (%s)", batch.id, batch.status)
+                self._start(batch.id)
+
+    async def close(self) -> None:
+        """Stop every job where it is; the next process resumes them."""
+        tasks = [job.task for job in self.jobs.values() if job.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.to_thread(self.store.close)
+
+    # ----- running -------------------------------------------------------------------------
+    def _start(self, batch_id: str) -> None:
+        job = Job()
+        self.jobs[batch_id] = job
+        job.task = asyncio.create_task(self._run(batch_id, job), name=f"batch {batch_id}")
+        job.task.add_done_callback(lambda _: self.jobs.pop(batch_id, None))
+
+    async def _run(self, batch_id: str, job: Job) -> None:
+        try:
+            await self._execute(batch_id, job)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("batch %s failed", batch_id)
+            await asyncio.to_thread(self.store.update, batch_id, lambda b: move(b, "failed"))
+
+    def _read_input(self, batch: Batch) -> tuple[list[BatchInputLine], list[BatchError]]:
+        data = self.store.content(batch.input_file_id)
+        if data is None:
+            raise FileNotFoundError(f"input file {batch.input_file_id} is gone")
+        return parse_input(data, batch.endpoint)
+
+    async def _execute(self, batch_id: str, job: Job) -> None:
+        batch = await self.batch(batch_id)
+        lines, errors = await asyncio.to_thread(self._read_input, batch)
+        if errors:
+
+            def invalid(batch: Batch) -> None:
+                move(batch, "failed")
+                batch.errors = BatchErrors(object="list", data=errors)
+
+            await asyncio.to_thread(self.store.update, batch_id, invalid)
+            return
+        done = await asyncio.to_thread(self.store.done_lines, batch_id)
+
+        def started(batch: Batch) -> None:
+            if batch.status == "validating":
+                move(batch, "in_progress")
+            completed = sum(done.values())
+            batch.request_counts = BatchRequestCounts(
+                total=len(lines), completed=completed, failed=len(done) - completed
+            )
+
+        batch = await asyncio.to_thread(self.store.update, batch_id, started)
+        if batch is None:
+            return
+        if batch.status == "cancelling":
+            job.cancelled.set()
+        pending = iter([i for i in range(len(lines)) if i not in done])
+
+        async def worker() -> None:
+            try:
+                for index in pending:  # shared: each index goes to exactly one worker
+                    if job.cancelled.is_set():
+                        return
+                    ok, output = await self._line(batch_id, batch.endpoint, lines[index])
+                    await asyncio.to_thread(self.store.record, batch_id, index, ok, output)
+            except BaseException:
+                job.cancelled.set()  # the job is failing: the other workers stop too
+                raise
+
+        await asyncio.gather(*(worker() for _ in range(self.concurrency)))
+        await self._finish(batch_id)
+
+    async def _line(self, batch_id: str, endpoint: str, item: BatchInputLine) -> tuple[bool, str]:
+        """Run one line; its output line, and whether it succeeded."""
+        request_id = new_id("batch_req")
+        try:
+            if item.body.get("stream"):
+                raise ApiError(400, "stream is not supported in a batch", param="stream")
+            result = await self.pipeline.run(endpoint, dict(item.body))
+            status, body, ok = 200, result.model_dump(mode="json"), True
+        except ApiError as exc:
+            status, body, ok = exc.status, exc.body(), False
+        except Exception as exc:  # one line's failure never fails the job
+            logger.error("batch %s line %r failed: %r", batch_id, item.custom_id, exc)
+            error = ApiError(500, f"internal error: {exc}")
+            status, body, ok = error.status, error.body(), False
+        return ok, output_line(request_id, item.custom_id, status, body)
+
+    async def _finish(self, batch_id: str) -> None:
+        was_cancelling = False
+
+        def finalizing(batch: Batch) -> None:
+            nonlocal was_cancelling
+            was_cancelling = batch.status == "cancelling"
+            move(batch, "finalizing")
+
+        await asyncio.to_thread(self.store.update, batch_id, finalizing)
+        output, error = await asyncio.to_thread(self.store.write_results, batch_id)
+
+        def finished(batch: Batch) -> None:
+            batch.output_file_id = output.id if output else None
+            batch.error_file_id = error.id if error else None
+            move(batch, "cancelled" if was_cancelling else "completed")
+
+        await asyncio.to_thread(self.store.update, batch_id, finished)

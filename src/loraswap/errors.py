@@ -1,0 +1,94 @@
+"""One client-visible error type, rendered as vLLM's ``ErrorResponse`` (the OpenAI error shape).
+
+Every route raises :class:`ApiError`; FastAPI routes get it rendered by :func:`install`, raw ASGI
+code (middlewares, WebSocket) sends it with :func:`send_http`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+ERROR_TYPES = {
+    400: "BadRequestError",
+    401: "AuthenticationError",
+    403: "PermissionDeniedError",
+    404: "NotFoundError",
+    409: "ConflictError",
+    413: "BadRequestError",
+    422: "UnprocessableEntityError",
+    429: "RateLimitError",
+    500: "InternalServerError",
+    501: "NotImplementedError",
+    503: "ServiceUnavailableError",
+}
+
+
+class ApiError(Exception):
+    """A failure the client sees: status, message, OpenAI error type and the offending param."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        err_type: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.err_type = err_type or ERROR_TYPES.get(status, "BadRequestError")
+        self.param = param
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.err_type,
+                "param": self.param,
+                "code": self.status,
+            }
+        }
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(self.body()).encode()
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> ApiError:
+        """From an OpenAI-shaped error body (vLLM's ``ErrorResponse.model_dump()``)."""
+        err = body.get("error") or {}
+        return cls(
+            int(err.get("code") or 500),
+            str(err.get("message", "")),
+            err.get("type"),
+            err.get("param"),
+        )
+
+    @classmethod
+    def engine_starting(cls) -> ApiError:
+        return cls(503, "the engine is still starting", headers={"retry-after": "5"})
+
+
+async def send_http(send: Any, exc: ApiError) -> None:
+    """Answer a raw ASGI HTTP request with ``exc``."""
+    body = exc.to_bytes()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *((k.encode(), v.encode()) for k, v in exc.headers.items()),
+    ]
+    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def install(app: Any) -> None:
+    """Render :class:`ApiError` raised by any FastAPI route of ``app``."""
+    from fastapi import Request
+    from fastapi.responses import JSONResponse
+
+    async def handler(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    app.add_exception_handler(ApiError, handler)

@@ -1,0 +1,301 @@
+"""The one request pipeline every inference entry goes through.
+
+OpenAI routes served by vLLM's router (through :class:`PipelineMiddleware`), native HTTP and
+WebSocket requests, and Batch API lines all call :meth:`RequestPipeline.admit`: it applies every
+limit, resolves ``model`` (alias, canary, ``name@version``) to the adapter version that serves it,
+loads that adapter just in time and rewrites ``model`` so vLLM serves exactly that version. The
+engine-side limits (prompt length) and token accounting sit in one wrapper around the engine's
+``generate`` (:meth:`RequestPipeline.guard_engine`), which sees the exact token counts.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import pydantic
+
+from . import metrics, vllm_compat
+from .adapters.keys import AdapterKey
+from .config import Settings
+from .errors import ApiError, send_http
+from .routes import INFERENCE_ROUTES, InferenceRoute
+
+if TYPE_CHECKING:
+    from vllm.engine.protocol import EngineClient
+
+MAX_BODY_BYTES = 64 << 20
+
+
+class AdapterResolver(Protocol):
+    """What the pipeline needs of the adapter registry."""
+
+    def resolve(self, model: str) -> AdapterKey | None: ...
+
+    async def ensure_loaded(self, key: AdapterKey) -> None: ...
+
+    def record_request(self, key: AdapterKey, ok: bool) -> None: ...
+
+
+@dataclass
+class Admission:
+    """An admitted request: the name vLLM serves it under and the adapter version, if any."""
+
+    model: Any
+    key: AdapterKey | None = None
+
+
+@dataclass
+class VllmHandlers:
+    """vLLM's OpenAI serving objects (built by ``init_app_state``) the pipeline calls."""
+
+    chat: Any
+    completion: Any
+    models: Any
+
+
+def validation_message(exc: pydantic.ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in exc.errors()
+    )
+
+
+class RequestPipeline:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: AdapterResolver | None = None,
+        handlers: VllmHandlers | None = None,
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.handlers = handlers
+
+    # ----- admission -----------------------------------------------------------------------
+    def check_limits(self, route: InferenceRoute, body: dict[str, Any]) -> None:
+        limit = self.settings.max_tokens_limit
+        if limit is None:
+            return
+        for field in route.token_fields:
+            asked = body.get(field)
+            if isinstance(asked, int) and not isinstance(asked, bool) and asked > limit:
+                raise ApiError(
+                    400, f"{field} is {asked}; this server allows at most {limit}", param=field
+                )
+
+    async def admit(self, path: str, body: dict[str, Any]) -> Admission:
+        """Check ``body`` for ``path``, resolve and load its adapter, rewrite its ``model``."""
+        route = INFERENCE_ROUTES[path]
+        self.check_limits(route, body)
+        model = body.get("model")
+        key = None
+        if self.registry is not None and isinstance(model, str):
+            key = self.registry.resolve(model)
+        if key is None:
+            return Admission(model)
+        try:
+            await self.registry.ensure_loaded(key)
+        except ApiError:
+            self.registry.record_request(key, ok=False)
+            raise
+        body["model"] = str(key)
+        return Admission(str(key), key)
+
+    def finish(self, admission: Admission, ok: bool) -> None:
+        if admission.key is not None and self.registry is not None:
+            self.registry.record_request(admission.key, ok)
+
+    # ----- running through vLLM's serving layer --------------------------------------------
+    async def _call_vllm(self, path: str, body: dict[str, Any], raw: Any) -> Any:
+        if self.handlers is None:
+            raise ApiError.engine_starting()
+        try:
+            if path == "/v1/chat/completions":
+                request = vllm_compat.ChatCompletionRequest.model_validate(body)
+                result = await self.handlers.chat.create_chat_completion(request, raw)
+            elif path == "/v1/completions":
+                request = vllm_compat.CompletionRequest.model_validate(body)
+                result = await self.handlers.completion.create_completion(request, raw)
+            else:
+                raise ApiError(400, f"unsupported endpoint {path!r}", param="url")
+        except pydantic.ValidationError as exc:
+            raise ApiError(400, validation_message(exc)) from None
+        except (vllm_compat.VLLMError, ValueError, TypeError, OverflowError) as exc:
+            result = vllm_compat.create_error_response(exc)  # vLLM's own mapping to codes
+        if isinstance(result, vllm_compat.ErrorResponse):
+            raise ApiError.from_body(result.model_dump())
+        return result
+
+    async def run(self, path: str, body: dict[str, Any], raw: Any = None) -> Any:
+        """Admit and run one non-streaming OpenAI request; vLLM's response object."""
+        admission = await self.admit(path, body)
+        try:
+            result = await self._call_vllm(path, body, raw)
+        except ApiError:
+            self.finish(admission, ok=False)
+            raise
+        self.finish(admission, ok=True)
+        return result
+
+    async def stream(
+        self, path: str, body: dict[str, Any], raw: Any = None
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Admit and stream one OpenAI request: vLLM's SSE chunks as dicts.
+
+        Errors before the first chunk raise :class:`ApiError`; a later failure is yielded as an
+        ``{"error": ...}`` chunk. Closing the iterator aborts the engine request.
+        """
+        body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        admission = await self.admit(path, body)
+        try:
+            chunks = await self._call_vllm(path, body, raw)
+        except ApiError:
+            self.finish(admission, ok=False)
+            raise
+        return self._frames(admission, chunks)
+
+    async def _frames(self, admission: Admission, chunks: Any) -> AsyncIterator[dict[str, Any]]:
+        ok = True
+        try:
+            async for block in chunks:
+                for line in block.splitlines():
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        continue
+                    chunk = json.loads(data)
+                    if "error" in chunk:
+                        ok = False
+                    yield chunk
+        finally:
+            await chunks.aclose()
+            self.finish(admission, ok)
+
+    # ----- the engine side -----------------------------------------------------------------
+    def guard_engine(self, client: EngineClient) -> None:
+        """Wrap ``client.generate`` once: refuse over-long prompts, count adapter tokens."""
+        client.generate = guarded_generate(
+            client.generate, self.settings.max_prompt_tokens, metrics.record_tokens
+        )
+
+
+def guarded_generate(
+    generate: Callable[..., AsyncIterator[Any]],
+    max_prompt_tokens: int | None,
+    on_done: Callable[[str, int, int], None],
+) -> Callable[..., AsyncIterator[Any]]:
+    """``EngineClient.generate`` with the prompt-length limit and per-adapter token counts.
+
+    Every route reaches the engine through ``generate``, so this covers them all; the limit's
+    error is vLLM's own validation error, which its serving layer answers with a 400.
+    """
+
+    async def guarded(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        prompt = args[0] if args else kwargs.get("prompt")
+        ids = prompt.get("prompt_token_ids") if isinstance(prompt, dict) else None
+        if max_prompt_tokens is not None and ids is not None and len(ids) > max_prompt_tokens:
+            raise vllm_compat.VLLMValidationError(
+                f"the prompt has {len(ids)} tokens; this server accepts at most "
+                f"{max_prompt_tokens} (LORASWAP_MAX_PROMPT_TOKENS)",
+                parameter="input_tokens",
+                value=len(ids),
+            )
+        lora = kwargs.get("lora_request")
+        if lora is None:
+            async for output in generate(*args, **kwargs):
+                yield output
+            return
+        params = kwargs.get("sampling_params", args[1] if len(args) > 1 else None)
+        delta = getattr(params, "output_kind", None) == vllm_compat.RequestOutputKind.DELTA
+        prompt_tokens = generated = 0
+        try:
+            async for output in generate(*args, **kwargs):
+                if output.prompt_token_ids is not None:
+                    prompt_tokens = len(output.prompt_token_ids)
+                produced = sum(len(o.token_ids) for o in output.outputs)
+                generated = generated + produced if delta else produced
+                yield output
+        finally:
+            on_done(lora.lora_name, prompt_tokens, generated)
+
+    return guarded
+
+
+class PipelineMiddleware:
+    """Runs the pipeline in front of vLLM's own OpenAI routes (they take a raw JSON body).
+
+    The body is read, admitted (limits, adapter resolution and load), re-serialised with the
+    resolved ``model`` and replayed to vLLM; the response status is recorded per adapter.
+    """
+
+    def __init__(self, app: Any, pipeline_of: Callable[[], RequestPipeline | None]) -> None:
+        self.app = app
+        self.pipeline_of = pipeline_of
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        route = INFERENCE_ROUTES.get(scope.get("path", ""))
+        if scope["type"] != "http" or scope["method"] != "POST" or route is None:
+            await self.app(scope, receive, send)
+            return
+        if not route.vllm_router:
+            await self.app(scope, receive, send)
+            return
+        pipeline = self.pipeline_of()
+        if pipeline is None:
+            await send_http(send, ApiError.engine_starting())
+            return
+
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > MAX_BODY_BYTES:
+                await send_http(send, ApiError(413, "request body too large"))
+                return
+        body = b"".join(chunks)
+        try:
+            payload = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            payload = None  # vLLM answers malformed JSON itself
+        admission = Admission(None)
+        if isinstance(payload, dict):
+            try:
+                admission = await pipeline.admit(route.path, payload)
+            except ApiError as exc:
+                await send_http(send, exc)
+                return
+            if admission.key is not None:
+                body = json.dumps(payload).encode()
+                scope = dict(scope)
+                scope["headers"] = [
+                    (k, v) for k, v in scope["headers"] if k.lower() != b"content-length"
+                ] + [(b"content-length", str(len(body)).encode())]
+
+        sent = False
+
+        async def replay() -> dict:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # disconnects still reach vLLM, which aborts the request
+
+        status = 500
+
+        async def watch(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, replay, watch)
+        finally:
+            pipeline.finish(admission, ok=status < 400)

@@ -1,0 +1,84 @@
+"""The typed runtime built once when the engine is up, shared by every route.
+
+Routes reach the engine, the pipeline, the adapter registry and the batch runner through
+:func:`runtime_of` instead of reading loose attributes of ``app.state``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .config import Settings
+from .errors import ApiError
+from .pipeline import RequestPipeline, VllmHandlers
+
+if TYPE_CHECKING:
+    from vllm.engine.protocol import EngineClient
+
+    from .adapters.registry import AdapterRegistry
+    from .batches.runner import BatchRunner
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    engine: EngineClient
+    handlers: VllmHandlers
+    pipeline: RequestPipeline
+    registry: AdapterRegistry | None = None
+    batches: BatchRunner | None = None
+
+    @property
+    def base_name(self) -> str:
+        return self.settings.served_model_name
+
+    async def close(self) -> None:
+        if self.batches is not None:
+            await self.batches.close()
+        if self.registry is not None:
+            await self.registry.close()
+
+
+async def build_runtime(
+    app: Any, settings: Settings, client: EngineClient, args: Any, model_path: str
+) -> Runtime:
+    """Wire a started engine to vLLM's serving layer, the pipeline, adapters and batches."""
+    from .adapters.registry import AdapterRegistry
+    from .adapters.residency import VllmAdapterEngine
+    from .adapters.validation import BaseModelShapes
+    from .batches import BatchRunner, BatchStore
+    from .openai_api import attach_engine
+
+    pipeline = RequestPipeline(settings)
+    pipeline.guard_engine(client)
+    handlers = await attach_engine(app, client, args)
+    pipeline.handlers = handlers
+    runtime = Runtime(settings, client, handlers, pipeline)
+    if settings.enable_lora:
+        engine = VllmAdapterEngine(client, handlers.models, settings.served_model_name)
+        registry = AdapterRegistry(settings, BaseModelShapes.from_checkpoint(model_path), engine)
+        await registry.restore()
+        if settings.preload_adapters and settings.adapter_roots:
+            await registry.preload(settings.adapter_roots[0])
+        runtime.registry = pipeline.registry = registry
+    runtime.batches = BatchRunner(
+        pipeline, BatchStore(settings.state_dir), settings.batch_concurrency
+    )
+    await runtime.batches.resume()
+    return runtime
+
+
+def runtime_of(conn: Any) -> Runtime:
+    """The runtime of the app serving ``conn`` (a Request or WebSocket); 503 while starting."""
+    runtime = getattr(conn.app.state, "runtime", None)
+    if runtime is None:
+        raise ApiError.engine_starting()
+    return runtime
+
+
+def registry_of(conn: Any) -> AdapterRegistry:
+    runtime = runtime_of(conn)
+    if runtime.registry is None:
+        raise ApiError(400, "adapters are disabled (LORASWAP_ENABLE_LORA=false)")
+    return runtime.registry

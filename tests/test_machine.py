@@ -1,0 +1,64 @@
+"""CPU capability detection and the dtype choice table, on fake capability sets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from loraswap.machine import CpuCaps, choose_dtype, read_cpu
+
+AVX2 = "fpu sse sse2 avx avx2 fma f16c"
+AVX512_BF16 = f"{AVX2} avx512f avx512bw avx512_vnni avx512_bf16"
+AMX = f"{AVX512_BF16} avx512_fp16 amx_tile amx_bf16 amx_int8"
+
+
+def caps(flags: str, arch: str = "x86_64") -> CpuCaps:
+    return CpuCaps(model="test", arch=arch, cores=2, flags=frozenset(flags.split()))
+
+
+@pytest.mark.parametrize(
+    ("flags", "arch", "kind", "dtype"),
+    [
+        (AVX2, "x86_64", "x86-avx2", "float32"),
+        ("sse sse2 avx avx2 avx512f avx512bw", "x86_64", "x86-avx512", "float32"),
+        (AVX512_BF16, "x86_64", "x86-avx512-bf16", "bfloat16"),
+        (AMX, "x86_64", "x86-amx-bf16", "bfloat16"),
+        ("fp asimd sve bf16", "aarch64", "arm-bf16", "bfloat16"),
+        ("fp asimd", "aarch64", "arm", "float32"),
+    ],
+)
+def test_choice_table(flags, arch, kind, dtype):
+    cpu = caps(flags, arch)
+    assert cpu.kind == kind
+    choice = choose_dtype(cpu, "auto")
+    assert (choice.value, choice.source) == (dtype, "auto")
+    assert kind in choice.reason
+
+
+def test_no_native_bf16_never_gets_bf16():
+    for flags in (AVX2, "sse sse2", "avx512f avx512bw avx512vl"):
+        assert choose_dtype(caps(flags), "auto").value == "float32"
+
+
+def test_explicit_setting_wins_and_gpu_keeps_vllm_auto():
+    assert choose_dtype(caps(AVX2), "bfloat16").value == "bfloat16"
+    assert choose_dtype(caps(AMX), "float32").source == "setting"
+    assert choose_dtype(None, "auto").value == "auto"
+
+
+def test_read_cpu_parses_proc_cpuinfo(tmp_path: Path):
+    info = tmp_path / "cpuinfo"
+    info.write_text(
+        "processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t\t: " + AVX2 + "\n\n"
+        "processor\t: 1\nmodel name\t: AMD EPYC 7B13\nflags\t\t: " + AVX2 + "\n"
+    )
+    cpu = read_cpu(info)
+    assert cpu.model == "AMD EPYC 7B13" and "avx2" in cpu.flags and cpu.cores >= 1
+    print_ = cpu.fingerprint()
+    assert print_["native_bf16"] is False and "avx2" in print_["flags"]
+
+
+def test_read_cpu_on_this_machine_is_consistent():
+    cpu = read_cpu()
+    assert cpu.kind and cpu.fingerprint()["kind"] == cpu.kind

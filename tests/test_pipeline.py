@@ -1,0 +1,139 @@
+"""The request pipeline without an engine: limits, model resolution and accounting, for every
+inference route of the route table, and its ASGI middleware in front of a stand-in vLLM app."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from loraswap.adapters.keys import AdapterKey
+from loraswap.config import Settings
+from loraswap.errors import ApiError
+from loraswap.pipeline import PipelineMiddleware, RequestPipeline
+from loraswap.routes import BATCH_ENDPOINTS, INFERENCE_ROUTES
+
+KEY = AdapterKey("sql", "v2")
+
+
+class FakeRegistry:
+    def __init__(self, fail_load: bool = False) -> None:
+        self.loaded: list[AdapterKey] = []
+        self.records: list[tuple[AdapterKey, bool]] = []
+        self.fail_load = fail_load
+
+    def resolve(self, model: str) -> AdapterKey | None:
+        return KEY if model in ("sql", "sql@v2") else None
+
+    async def ensure_loaded(self, key: AdapterKey) -> None:
+        if self.fail_load:
+            raise ApiError(503, "failed to load")
+        self.loaded.append(key)
+
+    def record_request(self, key: AdapterKey, ok: bool) -> None:
+        self.records.append((key, ok))
+
+
+def pipeline(limit: int | None = 16, **kw) -> tuple[RequestPipeline, FakeRegistry]:
+    registry = FakeRegistry(**kw)
+    return RequestPipeline(Settings(max_tokens_limit=limit), registry), registry
+
+
+LIMITED = [(path, field) for path, r in INFERENCE_ROUTES.items() for field in r.token_fields]
+
+
+def test_every_generating_route_has_a_token_limit():
+    for path, route in INFERENCE_ROUTES.items():
+        assert route.token_fields or not route.generates, path
+    assert set(BATCH_ENDPOINTS) <= set(INFERENCE_ROUTES)
+
+
+@pytest.mark.parametrize(("path", "field"), LIMITED)
+def test_over_limit_is_400_on_every_route(path, field):
+    pipe, registry = pipeline(limit=16)
+    with pytest.raises(ApiError) as err:
+        asyncio.run(pipe.admit(path, {"model": "sql", field: 200}))
+    assert err.value.status == 400 and err.value.param == field
+    assert registry.loaded == []  # refused before any adapter load
+    asyncio.run(pipe.admit(path, {"model": "sql", field: 16}))
+
+
+def test_adapter_is_resolved_loaded_and_rewritten():
+    pipe, registry = pipeline()
+    body = {"model": "sql", "max_tokens": 4}
+    admission = asyncio.run(pipe.admit("/v1/chat/completions", body))
+    assert body["model"] == "sql@v2" and admission.key == KEY and registry.loaded == [KEY]
+    pipe.finish(admission, ok=True)
+    assert registry.records == [(KEY, True)]
+
+
+def test_base_and_unknown_models_pass_through_untouched():
+    pipe, registry = pipeline()
+    for model in ("base", "no-such-model", 42):
+        body = {"model": model}
+        admission = asyncio.run(pipe.admit("/v1/completions", body))
+        assert body["model"] == model and admission.key is None
+        pipe.finish(admission, ok=False)
+    assert registry.records == []
+
+
+def test_failed_load_is_counted_as_an_error():
+    pipe, registry = pipeline(fail_load=True)
+    with pytest.raises(ApiError):
+        asyncio.run(pipe.admit("/generate", {"model": "sql"}))
+    assert registry.records == [(KEY, False)]
+
+
+def test_no_limit_configured_lets_any_value_through():
+    pipe, _ = pipeline(limit=None)
+    asyncio.run(pipe.admit("/v1/chat/completions", {"model": "x", "max_tokens": 10**6}))
+
+
+async def _call(app, path: str, payload: bytes):
+    """Drive an ASGI app with one POST; the status and the JSON body it answered."""
+    sent: list[dict] = []
+    messages = [{"type": "http.request", "body": payload, "more_body": False}]
+
+    async def receive():
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": path, "headers": []}
+    await app(scope, receive, send)
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return sent[0]["status"], json.loads(body)
+
+
+async def echo_app(scope, receive, send):
+    """Stands in for vLLM's router: answers with the body it received."""
+    body = (await receive())["body"]
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": body})
+
+
+def test_middleware_rewrites_model_for_vllm_routes_and_refuses_over_limit():
+    pipe, registry = pipeline(limit=16)
+    app = PipelineMiddleware(echo_app, lambda: pipe)
+    status, seen = asyncio.run(_call(app, "/v1/responses", b'{"model": "sql"}'))
+    assert status == 200 and seen["model"] == "sql@v2"
+    assert registry.records == [(KEY, True)]
+    status, error = asyncio.run(
+        _call(app, "/v1/responses", b'{"model": "sql", "max_output_tokens": 99}')
+    )
+    assert status == 400 and error["error"]["param"] == "max_output_tokens"
+
+
+def test_middleware_answers_503_while_the_engine_starts():
+    app = PipelineMiddleware(echo_app, lambda: None)
+    status, error = asyncio.run(_call(app, "/v1/chat/completions", b"{}"))
+    assert status == 503 and error["error"]["type"] == "ServiceUnavailableError"
+
+
+def test_middleware_leaves_malformed_json_to_vllm():
+    pipe, _ = pipeline()
+    app = PipelineMiddleware(echo_app, lambda: pipe)
+    status, _ = asyncio.run(_call(app, "/v1/completions", b'"just a string"'))
+    assert status == 200

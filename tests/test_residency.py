@@ -1,0 +1,165 @@
+"""Adapter residency against a fake engine: LRU, pins, one shared first load, eviction."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from loraswap.adapters.keys import AdapterKey
+from loraswap.adapters.residency import Residency
+from loraswap.errors import ApiError
+
+
+class FakeEngine:
+    """Records what residency asks of the engine; ``gate`` holds loads until released."""
+
+    def __init__(self) -> None:
+        self.exposed: dict[AdapterKey, int] = {}
+        self.loaded: set[AdapterKey] = set()
+        self.pinned: set[AdapterKey] = set()
+        self.calls: list[tuple[str, AdapterKey]] = []
+        self.gate: asyncio.Event | None = None
+        self.fail: set[AdapterKey] = set()
+
+    def expose(self, key: AdapterKey, lora_int_id: int, path: Path) -> None:
+        self.exposed[key] = lora_int_id
+
+    def withdraw(self, key: AdapterKey) -> None:
+        self.exposed.pop(key, None)
+
+    async def load(self, key: AdapterKey) -> None:
+        self.calls.append(("load", key))
+        if self.gate is not None:
+            await self.gate.wait()
+        if key in self.fail:
+            raise RuntimeError("corrupt weights")
+        self.loaded.add(key)
+
+    async def unload(self, key: AdapterKey) -> None:
+        self.calls.append(("unload", key))
+        self.loaded.discard(key)
+        self.pinned.discard(key)
+
+    async def pin(self, key: AdapterKey) -> None:
+        self.pinned.add(key)
+
+
+KEYS = [AdapterKey(f"a{i}", "v1") for i in range(5)]
+
+
+def make(capacity: int = 2, pins: set[AdapterKey] | None = None):
+    engine = FakeEngine()
+    pinned = pins if pins is not None else set()
+    res = Residency(engine, capacity, lambda: pinned)
+    for i, key in enumerate(KEYS):
+        res.expose(key, i + 1, Path(f"/adapters/{key.name}"))
+    return engine, res, pinned
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_unknown_key_is_404():
+    _, res, _ = make()
+    with pytest.raises(ApiError) as err:
+        run(res.ensure_loaded(AdapterKey("nope", "v1")))
+    assert err.value.status == 404
+
+
+def test_lru_evicts_least_recently_used():
+    engine, res, _ = make(capacity=2)
+
+    async def scenario():
+        await res.ensure_loaded(KEYS[0])
+        await res.ensure_loaded(KEYS[1])
+        await res.ensure_loaded(KEYS[0])  # a0 is now the most recent
+        await res.ensure_loaded(KEYS[2])  # evicts a1
+
+    run(scenario())
+    assert engine.loaded == {KEYS[0], KEYS[2]}
+    assert list(res.lru) == [KEYS[0], KEYS[2]]
+    assert res.status(KEYS[1]) == "registered" and res.status(KEYS[2]) == "loaded"
+
+
+def test_concurrent_first_requests_share_one_load():
+    engine, res, _ = make()
+
+    async def scenario():
+        engine.gate = asyncio.Event()
+        waiters = [asyncio.create_task(res.ensure_loaded(KEYS[0])) for _ in range(8)]
+        await asyncio.sleep(0.01)
+        engine.gate.set()
+        await asyncio.gather(*waiters)
+
+    run(scenario())
+    assert engine.calls == [("load", KEYS[0])]
+    assert res.servable[KEYS[0]].load_seconds is not None
+
+
+def test_pins_are_never_evicted():
+    pins = {KEYS[0]}
+    engine, res, _ = make(capacity=2, pins=pins)
+
+    async def scenario():
+        await res.pin(KEYS[0])
+        for key in KEYS[1:4]:
+            await res.ensure_loaded(key)
+
+    run(scenario())
+    assert KEYS[0] in engine.loaded and KEYS[0] in engine.pinned
+    assert res.status(KEYS[0]) == "pinned"
+    assert ("unload", KEYS[0]) not in engine.calls
+
+
+def test_every_slot_pinned_is_503():
+    pins = set(KEYS[:2])
+    _, res, _ = make(capacity=2, pins=pins)
+
+    async def scenario():
+        await res.pin(KEYS[0])
+        await res.pin(KEYS[1])
+        await res.ensure_loaded(KEYS[2])
+
+    with pytest.raises(ApiError) as err:
+        run(scenario())
+    assert err.value.status == 503 and "pinned" in err.value.message
+
+
+def test_failed_load_is_503_and_retried_next_time():
+    engine, res, _ = make()
+    engine.fail.add(KEYS[0])
+    with pytest.raises(ApiError) as err:
+        run(res.ensure_loaded(KEYS[0]))
+    assert err.value.status == 503 and not res.is_loaded(KEYS[0])
+    engine.fail.clear()
+    run(res.ensure_loaded(KEYS[0]))
+    assert res.is_loaded(KEYS[0])
+
+
+def test_forget_unloads_and_withdraws():
+    engine, res, _ = make()
+    run(res.ensure_loaded(KEYS[0]))
+    run(res.forget(KEYS[0]))
+    assert KEYS[0] not in engine.exposed and KEYS[0] not in engine.loaded
+    assert not res.is_servable(KEYS[0])
+
+
+def test_evict_keeps_servable_and_counts_requests():
+    _, res, _ = make()
+    run(res.ensure_loaded(KEYS[0]))
+    run(res.evict(KEYS[0]))
+    assert res.is_servable(KEYS[0]) and not res.is_loaded(KEYS[0])
+    res.record(KEYS[0], ok=True)
+    res.record(KEYS[0], ok=False)
+    facts = res.facts(KEYS[0])
+    assert (facts["requests"], facts["errors"], facts["status"]) == (2, 1, "registered")
+
+
+def test_broken_versions_show_their_reason():
+    _, res, _ = make()
+    res.mark_broken(KEYS[1], "rank 64 > max_lora_rank 16")
+    assert res.facts(KEYS[1])["status"] == "broken"
+    assert "rank" in res.facts(KEYS[1])["error"]
