@@ -37,9 +37,8 @@ class LoRASwap:
 
     @bentoml.on_startup
     async def start_engine(self) -> None:
-        client = await self.engine.start()
-        self.runtime = await build_runtime(openai_app, settings, client, self.engine.args,
-                                           self.model_path)  # fmt: skip
+        await self.engine.start()
+        self.runtime = await build_runtime(openai_app, settings, self.engine)
         openai_app.state.runtime = self.runtime
 
     @bentoml.on_shutdown

@@ -37,7 +37,8 @@ import quality
 from servers import BIN, ROOT, ServerProcess
 
 from loraswap.config import Settings
-from loraswap.engine import engine_cli_args
+from loraswap.engine import engine_cli_args, is_cpu_build, resolved
+from loraswap.machine import engine_choices, read_cpu
 from loraswap.model_import import import_model, packaged_gguf
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -104,8 +105,11 @@ def machine_info() -> dict:
         ["git", "rev-parse", "--short=10", "HEAD"], cwd=ROOT, capture_output=True, text=True
     ).stdout.strip()
     dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=ROOT).returncode != 0
+    caps = read_cpu()
     return {
         "cpu": cpu,
+        "cpu_kind": caps.kind,
+        "cpu_fingerprint": caps.fingerprint(),
         "cores": len(os.sched_getaffinity(0)),
         "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
         "python": platform.python_version(),
@@ -255,12 +259,18 @@ class Bench:
                 "adapters": N_ADAPTERS,
                 "load_generator": "vllm bench serve",
             },
+            # what `auto` chose on this machine, and why (the settings below are resolved)
+            "auto_choices": {
+                name: {"value": c.value, "reason": c.reason}
+                for name, c in engine_choices(self.settings, is_cpu_build()).items()
+            },
             "settings": {
                 k: v
-                for k, v in self.settings.model_dump(mode="json").items()
+                for k, v in resolved(self.settings).model_dump(mode="json").items()
                 if k
                 in (
                     "dtype",
+                    "batch_invariant",
                     "max_model_len",
                     "max_num_seqs",
                     "max_loras",

@@ -305,24 +305,34 @@ def test_bentoml_model_source(server, client, adapter_root, base_shapes):
     assert is_upper_answer(ask(client, "from-store").choices[0].message.content)
 
 
-# --- isolation (bf16; exact equality is tested in fp32 in test_isolation.py) ----------------
-def test_mixed_bf16_batch_never_leaks_an_adapter_into_base_requests(server, client, adapter_root):
-    """After more adapters than engine slots were used, base requests batched with adapter
-    requests must not come back with an adapter's behaviour (the vLLM CPU index bug)."""
-    from tests.test_isolation import mixed_jobs, register_copies, run_together
+# --- isolation at the default dtype (and in fp32 in test_isolation.py) ----------------------
+def test_mixed_batch_equals_solo_at_the_default_dtype(server, client, adapter_root):
+    """After more adapters than engine slots were used, every request of a mixed batch gets
+    exactly its solo greedy output on the default server, and base requests never get an
+    adapter's behaviour (the vLLM CPU index bug).
 
-    adapters = register_copies(server.url, adapter_root, prefix="leak")
+    The default is batch-invariant (`dtype=auto` with `batch_invariant` on: float32 on CPU).
+    In bf16 vLLM's own CPU kernels change outputs with batch composition even with LoRA off
+    (measured: 12 of 32 base-only requests), so a bf16 server (batch_invariant off) is only
+    checked for leaks; the LoRA ops themselves are batch-invariant in every dtype
+    (test_lora_ops_patch.py)."""
+    from tests.test_isolation import mixed_jobs, mixed_vs_solo, run_together
+
+    dtype = httpx.get(f"{server.url}/info", timeout=30).json()["engine"]["dtype"]["value"]
+    wrong, total = mixed_vs_solo(server.url, adapter_root, prefix="leak")
+    adapter_wrong = [w for w in wrong if w[0][0] != BASE_MODEL]
+    assert not adapter_wrong, f"{len(adapter_wrong)} of {total} differ: {adapter_wrong[:3]}"
+    if dtype == "float32":
+        assert not wrong, f"{len(wrong)} of {total} differ from solo: {wrong[:3]}"
+    adapters = [f"leak-{kind}-{i}" for i in range(3) for kind in ("uppercase", "json")]
     jobs = mixed_jobs(adapters)
-    for model, prompt in set(jobs):  # use every adapter once, alone: all slots get used
-        ask(client, model, [{"role": "user", "content": prompt}], 24)
-    for _ in range(2):
-        for (model, _), text in zip(jobs, run_together(server.url, jobs), strict=True):
-            if model == BASE_MODEL:
-                assert not is_upper_answer(text) and not is_json_object(text), text
-            elif "uppercase" in model:
-                assert is_upper_answer(text), (model, text)
-            else:
-                assert is_json_object(text), (model, text)
+    for (model, _), text in zip(jobs, run_together(server.url, jobs), strict=True):
+        if model == BASE_MODEL:
+            assert not is_upper_answer(text) and not is_json_object(text), text
+        elif "uppercase" in model:
+            assert is_upper_answer(text), (model, text)
+        else:
+            assert is_json_object(text), (model, text)
 
 
 def test_cli_manages_adapters_over_the_api(server):

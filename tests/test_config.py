@@ -17,7 +17,18 @@ def test_defaults_serve_the_cpu_demo(monkeypatch):
             monkeypatch.delenv(key)
     s = Settings(_env_file=None)
     assert s.base_model == s.served_model_name == "smollm2-135m-instruct"
-    assert s.dtype == "bfloat16" and s.enable_lora
+    assert s.dtype == "auto" and s.enable_lora
+
+
+def test_auto_dtype_reaches_vllm_as_this_machines_choice():
+    from loraswap.machine import choose_dtype, read_cpu
+
+    args = parse_engine_args(Settings(_env_file=None), "/models/x")
+    assert args.dtype == choose_dtype(read_cpu(), "auto").value == "float32"  # batch-invariant
+    fast = parse_engine_args(Settings(_env_file=None, batch_invariant=False), "/models/x")
+    assert fast.dtype == choose_dtype(read_cpu(), "auto", batch_invariant=False).value
+    pinned = parse_engine_args(Settings(_env_file=None, dtype="float32"), "/models/x")
+    assert pinned.dtype == "float32"
 
 
 def test_env_prefix_and_types(monkeypatch):

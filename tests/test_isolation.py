@@ -1,10 +1,9 @@
 """Each request of a mixed batch gets exactly its solo output, after every engine slot was used.
 
-Runs on its own fp32 server: vLLM's CPU kernels are batch-invariant in fp32 but not in bf16, where
-rounding alone changes some greedy tokens between batch shapes (even with LoRA off), so exact
-equality is a property of fp32; the bf16 default is checked for leakage in test_adapters.py.
-Without loraswap's LoRA index fix (LORASWAP_PATCH_LORA_OPS=0) this test fails: base requests come
-back with an adapter's output.
+Here on an fp32 server; test_adapters.py runs the same check on the default server (dtype
+`auto`: bf16 where the CPU has native bf16), where loraswap's LoRA ops compute every row in the
+model's dtype whatever the batch holds. Without loraswap's LoRA index fix
+(LORASWAP_PATCH_LORA_OPS=0) this test fails: base requests come back with an adapter's output.
 """
 
 from __future__ import annotations
@@ -38,8 +37,9 @@ def register_copies(url: str, root: Path, prefix: str) -> list[str]:
 
 
 def mixed_jobs(adapters: list[str]) -> list[tuple[str, str]]:
+    """Every adapter with every prompt, and the base model with each prompt twice."""
     base = [(BASE_MODEL, p) for p in PROMPTS] * 2
-    return base + [(a, PROMPTS[i % len(PROMPTS)]) for i, a in enumerate(adapters)]
+    return base + [(a, p) for a in adapters for p in PROMPTS]
 
 
 async def _gather(url: str, jobs: list[tuple[str, str]]) -> list[str]:
@@ -70,13 +70,19 @@ def fp32_server(tmp_path_factory, adapter_root, s3):
     assert not srv.stop(), "processes left after SIGTERM"
 
 
-def test_mixed_batch_matches_solo_outputs_after_all_slots_were_used(fp32_server, adapter_root):
-    url = fp32_server.url
-    jobs = mixed_jobs(register_copies(url, adapter_root, prefix="iso"))
+def mixed_vs_solo(url: str, adapter_root: Path, prefix: str) -> tuple[list, int]:
+    """Greedy outputs of base and adapter requests alone, then in mixed batches (twice), after
+    more distinct adapters than slots were used: the (job, mixed, solo) triples that differ."""
+    jobs = mixed_jobs(register_copies(url, adapter_root, prefix=prefix))
     solo = {job: run_together(url, [job])[0] for job in dict.fromkeys(jobs)}  # one at a time
+    wrong = []
     for _ in range(2):
         got = run_together(url, jobs)
-        wrong = [
-            (job, out, solo[job]) for job, out in zip(jobs, got, strict=True) if out != solo[job]
-        ]
-        assert not wrong, f"{len(wrong)} of {len(jobs)} differ from solo: {wrong[:3]}"
+        wrong += [(job, out, solo[job]) for job, out in zip(jobs, got, strict=True)
+                  if out != solo[job]]  # fmt: skip
+    return wrong, 2 * len(jobs)
+
+
+def test_mixed_batch_matches_solo_outputs_after_all_slots_were_used(fp32_server, adapter_root):
+    wrong, total = mixed_vs_solo(fp32_server.url, adapter_root, prefix="iso")
+    assert not wrong, f"{len(wrong)} of {total} differ from solo: {wrong[:3]}"

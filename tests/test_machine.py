@@ -31,18 +31,21 @@ def caps(flags: str, arch: str = "x86_64") -> CpuCaps:
 def test_choice_table(flags, arch, kind, dtype):
     cpu = caps(flags, arch)
     assert cpu.kind == kind
-    choice = choose_dtype(cpu, "auto")
+    choice = choose_dtype(cpu, "auto", batch_invariant=False)
     assert (choice.value, choice.source) == (dtype, "auto")
     assert kind in choice.reason
+    exact = choose_dtype(cpu, "auto", batch_invariant=True)
+    assert exact.value == "float32" and "batch" in exact.reason
 
 
 def test_no_native_bf16_never_gets_bf16():
     for flags in (AVX2, "sse sse2", "avx512f avx512bw avx512vl"):
-        assert choose_dtype(caps(flags), "auto").value == "float32"
+        assert choose_dtype(caps(flags), "auto", batch_invariant=False).value == "float32"
 
 
 def test_explicit_setting_wins_and_gpu_keeps_vllm_auto():
-    assert choose_dtype(caps(AVX2), "bfloat16").value == "bfloat16"
+    pinned = choose_dtype(caps(AVX2), "bfloat16")
+    assert pinned.value == "bfloat16" and "not batch-invariant" in pinned.reason
     assert choose_dtype(caps(AMX), "float32").source == "setting"
     assert choose_dtype(None, "auto").value == "auto"
 

@@ -68,6 +68,16 @@ def cmd_config(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_info(ns: argparse.Namespace) -> int:
+    """The machine, the settings ``auto`` picks on it, and where every setting came from."""
+    from .engine import is_cpu_build
+    from .info import collect, render
+
+    doc = collect(Settings(), is_cpu_build())
+    print(json.dumps(doc, indent=2) if ns.json else render(doc))
+    return 0
+
+
 def default_url() -> str:
     return f"http://127.0.0.1:{os.environ.get('BENTOML_PORT', '3000')}"
 
@@ -251,6 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     tlist = tacts.add_parser("list", help="what has been built (and so can be deployed)")
     tlist.add_argument("--json", action="store_true")
     trk.set_defaults(func=cmd_tracking)
+
+    inf = sub.add_parser("info", help="the machine, auto-chosen engine settings, their sources")
+    inf.add_argument("--json", action="store_true")
+    inf.set_defaults(func=cmd_info)
 
     cfg = sub.add_parser("config", help="show the effective configuration")
     cfg.add_argument("--markdown", action="store_true", help="print the README table instead")

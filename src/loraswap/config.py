@@ -43,7 +43,22 @@ class Settings(BaseSettings):
 
     # --- engine -----------------------------------------------------------------------
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        "bfloat16", description="Weight and activation dtype (bf16 is fastest on AVX-512 CPUs)."
+        "auto",
+        description=(
+            "Weight and activation dtype. `auto` on CPU: float32 while `batch_invariant` is on; "
+            "otherwise bf16 where the CPU multiplies bf16 natively (AVX512-BF16, AMX, Arm BF16; "
+            "1.7-1.9x fp32) and fp32 elsewhere (AVX2 emulates bf16: 0.35x fp32). On GPU, "
+            "vLLM's own choice. `loraswap info` shows the pick and why."
+        ),
+    )
+    batch_invariant: bool = Field(
+        True,
+        description=(
+            "Exact outputs whatever shares the batch: a request's greedy answer is the same "
+            "alone or mixed with any base and adapter requests. On CPU this needs float32 "
+            "(vLLM's CPU bf16 kernels are not batch-invariant); false lets `dtype=auto` pick "
+            "bf16 where it is faster."
+        ),
     )
     max_model_len: int = Field(2048, gt=0, description="Context length (prompt + output tokens).")
     max_num_seqs: int = Field(64, gt=0, description="Most sequences the engine batches at once.")

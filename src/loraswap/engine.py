@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from . import vllm_compat
 from .config import Settings
+from .machine import Choice, engine_choices
 
 if TYPE_CHECKING:
     from vllm.engine.protocol import EngineClient
@@ -22,8 +23,15 @@ def is_cpu_build() -> bool:
     return vllm_compat.current_platform.is_cpu()
 
 
+def resolved(settings: Settings) -> Settings:
+    """``settings`` with its ``auto`` engine values chosen for this machine."""
+    choices = engine_choices(settings, is_cpu_build())
+    return settings.model_copy(update={k: c.value for k, c in choices.items()})
+
+
 def engine_cli_args(settings: Settings, model_path: str) -> list[str]:
-    """The ``vllm serve`` command line equivalent to ``settings``."""
+    """The ``vllm serve`` command line equivalent to ``settings`` (``auto`` resolved)."""
+    settings = resolved(settings)
     args = [
         "--model", model_path,
         "--served-model-name", settings.served_model_name,
@@ -71,12 +79,16 @@ class Engine:
         self.settings = settings
         self.model_path = model_path
         self.args: Namespace | None = None
+        self.choices: dict[str, Choice] = {}
         self.client: EngineClient | None = None
         self._stack = AsyncExitStack()
 
     async def start(self) -> EngineClient:
         export_cpu_env(self.settings)
         vllm_compat.check_version()
+        self.choices = engine_choices(self.settings, is_cpu_build())
+        for name, choice in self.choices.items():
+            logger.info("engine %s = %s (%s)", name, choice.value, choice.reason)
         self.args = parse_engine_args(self.settings, self.model_path)
         logger.info("starting vLLM engine for %s", self.model_path)
         self.client = await self._stack.enter_async_context(

@@ -11,7 +11,10 @@ import os
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .config import Settings
 
 # Flags that mean the CPU multiplies bf16 natively (otherwise torch emulates it in fp32).
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -83,12 +86,36 @@ class Choice:
     reason: str
 
 
-def choose_dtype(caps: CpuCaps | None, requested: str) -> Choice:
-    """The engine dtype. ``caps`` is None on a GPU build (vLLM's own ``auto`` applies there)."""
+# vLLM's CPU kernels in bf16 are not batch-invariant: greedy outputs change with what shares
+# the batch (measured with LoRA off: 12 of 32 base-only requests). In fp32 they held exactly.
+BF16_NOT_INVARIANT = "vLLM's CPU bf16 kernels change outputs with batch composition"
+
+
+def choose_dtype(caps: CpuCaps | None, requested: str, batch_invariant: bool = True) -> Choice:
+    """The engine dtype. ``caps`` is None on a GPU build (vLLM's own ``auto`` applies there).
+
+    ``batch_invariant`` (exact outputs whatever shares the batch) wins over speed: it means
+    fp32 on CPU. Without it, bf16 where the CPU multiplies bf16 natively.
+    """
     if requested != "auto":
-        return Choice(requested, "setting", "set by LORASWAP_DTYPE")
+        reason = "set by LORASWAP_DTYPE"
+        if caps is not None and requested != "float32" and batch_invariant:
+            reason += f"; not batch-invariant: {BF16_NOT_INVARIANT}"
+        return Choice(requested, "setting", reason)
     if caps is None:
         return Choice("auto", "auto", "GPU: vLLM picks the checkpoint's dtype")
+    if batch_invariant:
+        forgone = (
+            "; bf16 would give ~1.7-1.9x throughput on this CPU, set "
+            "LORASWAP_BATCH_INVARIANT=false to take it"
+            if caps.native_bf16
+            else "; bf16 would be emulated here (measured 0.35x fp32 on AVX2) anyway"
+        )
+        return Choice(
+            "float32", "auto",
+            f"{caps.kind}: exact batch invariance (LORASWAP_BATCH_INVARIANT): "
+            f"{BF16_NOT_INVARIANT}{forgone}",
+        )  # fmt: skip
     if caps.native_bf16:
         return Choice(
             "bfloat16", "auto",
@@ -102,3 +129,16 @@ def choose_dtype(caps: CpuCaps | None, requested: str) -> Choice:
         f"{caps.kind}: no native bf16, so torch emulates it; measured bf16 at 0.35x fp32 "
         "throughput at 16 streams on an AVX2 machine",
     )  # fmt: skip
+
+
+def engine_choices(settings: Settings, cpu_build: bool) -> dict[str, Choice]:
+    """Every engine setting that ``auto`` resolves on this machine, with why."""
+    caps = read_cpu() if cpu_build else None
+    return {"dtype": choose_dtype(caps, settings.dtype, settings.batch_invariant)}
+
+
+def describe(cpu_build: bool) -> dict[str, Any]:
+    """The machine, as ``loraswap info`` and ``GET /info`` show it."""
+    if cpu_build:
+        return {"device": "cpu", "cpu": read_cpu().fingerprint()}
+    return {"device": "gpu", "cpu": read_cpu().fingerprint()}

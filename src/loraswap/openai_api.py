@@ -23,6 +23,7 @@ def create_app(settings: Settings) -> FastAPI:
     become 4xx in the OpenAI error shape, not 500."""
     from .adapters.router import router as adapters_router
     from .batches import router as batches_router
+    from .info import build_router as info_router
     from .native.router import router as native_router
 
     app = FastAPI(
@@ -37,6 +38,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(adapters_router)  # before vLLM's: its /v1/models lists adapters too
     app.include_router(native_router)
     app.include_router(batches_router)
+    app.include_router(info_router())
     app.add_middleware(PipelineMiddleware, pipeline_of=lambda: _pipeline(app))
     return app
 

@@ -6,11 +6,12 @@ Routes reach the engine, the pipeline, the adapter registry and the batch runner
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .config import Settings
 from .errors import ApiError
+from .machine import Choice
 from .pipeline import RequestPipeline, VllmHandlers
 
 if TYPE_CHECKING:
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
 
     from .adapters.registry import AdapterRegistry
     from .batches.runner import BatchRunner
+    from .engine import Engine
 
 
 @dataclass
@@ -28,6 +30,8 @@ class Runtime:
     pipeline: RequestPipeline
     registry: AdapterRegistry | None = None
     batches: BatchRunner | None = None
+    choices: dict[str, Choice] = field(default_factory=dict)
+    cpu_build: bool = True
 
     @property
     def base_name(self) -> str:
@@ -40,24 +44,27 @@ class Runtime:
             await self.registry.close()
 
 
-async def build_runtime(
-    app: Any, settings: Settings, client: EngineClient, args: Any, model_path: str
-) -> Runtime:
+async def build_runtime(app: Any, settings: Settings, engine: Engine) -> Runtime:
     """Wire a started engine to vLLM's serving layer, the pipeline, adapters and batches."""
     from .adapters.registry import AdapterRegistry
     from .adapters.residency import VllmAdapterEngine
     from .adapters.validation import BaseModelShapes
     from .batches import BatchRunner, BatchStore
+    from .engine import is_cpu_build
     from .openai_api import attach_engine
 
+    client = engine.client
     pipeline = RequestPipeline(settings)
     pipeline.guard_engine(client)
-    handlers = await attach_engine(app, client, args)
+    handlers = await attach_engine(app, client, engine.args)
     pipeline.handlers = handlers
-    runtime = Runtime(settings, client, handlers, pipeline)
+    runtime = Runtime(
+        settings, client, handlers, pipeline, choices=engine.choices, cpu_build=is_cpu_build()
+    )
     if settings.enable_lora:
-        engine = VllmAdapterEngine(client, handlers.models, settings.served_model_name)
-        registry = AdapterRegistry(settings, BaseModelShapes.from_checkpoint(model_path), engine)
+        slots = VllmAdapterEngine(client, handlers.models, settings.served_model_name)
+        shapes = BaseModelShapes.from_checkpoint(engine.model_path)
+        registry = AdapterRegistry(settings, shapes, slots)
         await registry.restore()
         if settings.preload_adapters and settings.adapter_roots:
             await registry.preload(settings.adapter_roots[0])

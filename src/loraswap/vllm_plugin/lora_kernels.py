@@ -33,7 +33,7 @@ WRITTEN_FOR = ("0.32.0",)
 # per layer with the same indices, so this is worked out once per step.
 _BATCHES: dict[tuple[int, str, bytes], tuple[list[int], dict[Any, torch.Tensor] | None]] = {}
 _BATCH_CACHE_LIMIT = 1024
-# Derived forms of each stacked weight tensor (fp32 copy, which slots are non-zero), per tensor
+# Derived forms of each stacked weight tensor (by columns, which slots are non-zero), per tensor
 # object (vLLM passes the same stacked tensors every step), checked by identity through a weak
 # reference and refreshed when the tensor's in-place version changes: vLLM loads and clears
 # slots by writing into the stacked tensor, which bumps ``_version``.
@@ -96,32 +96,30 @@ def _live_slots(weights: torch.Tensor) -> list[bool]:
 def _lora_matmul(
     inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor
 ) -> torch.Tensor | None:
-    """``inputs[r] @ weights[indices[r]].T`` for every row.
+    """``inputs[r] @ weights[indices[r]].T`` for every row, in the weights' dtype.
 
     vLLM's version gathers a full copy of the weights for every token and runs one tiny matmul
-    per token. Here a batch with one adapter costs one matmul (in float32: bf16 matmuls this
-    small are slower than fp32 on CPU), and a batch mixing adapters one matmul against all
-    slots stacked (in the weights' dtype: at that size bf16 is 2-4x faster), where a one-hot
-    row mask keeps each row's own slot and zeroes rows without an adapter; the other slots add
-    exact zeros. ``None`` means every row is zero (no adapter in the batch, or only slots of
-    zeros), so callers can skip the write.
-    """
-    import torch
+    per token. Here a batch with one adapter costs one matmul against that slot, and a batch
+    mixing adapters one matmul against all slots stacked, where a one-hot row mask keeps each
+    row's own slot and zeroes rows without an adapter (the other slots add exact zeros).
 
+    Every row is computed in the weights' dtype whatever else the batch holds: a request's
+    arithmetic must not depend on who shares its batch (an fp32 path for one adapter and a bf16
+    path for mixes made greedy outputs differ between solo and mixed batches). ``None`` means
+    every row is zero (no adapter in the batch, or only slots of zeros): callers skip the write.
+    """
     n_slots, n_out, n_in = weights.shape[0], weights.shape[-2], weights.shape[-1]
     slots, masks = _batch(indices, n_slots)
     live = _live_slots(weights)
     if not any(live[s] for s in slots):
         return None
     shrink_like = n_out <= n_in  # [rows, in] @ [in, slots*out], then keep each row's slot
+    x = inputs.to(weights.dtype)
     if masks is None:
-        x = inputs.to(torch.float32)
         if shrink_like:
-            stacked = _derived(weights, "f32-rows", lambda w: w.to(torch.float32).reshape(-1, n_in))
-            return x @ stacked[slots[0] * n_out : (slots[0] + 1) * n_out].T
-        stacked = _derived(weights, "f32-cols", lambda w: _by_columns(w.to(torch.float32)))
-        return x @ stacked[slots[0] * n_in : (slots[0] + 1) * n_in]
-    x, mask = inputs.to(weights.dtype), _mask(masks, weights.dtype)
+            return x @ weights.reshape(-1, n_in)[slots[0] * n_out : (slots[0] + 1) * n_out].T
+        return x @ _derived(weights, "cols", _by_columns)[slots[0] * n_in : (slots[0] + 1) * n_in]
+    mask = _mask(masks, weights.dtype)
     if shrink_like:
         full = (x @ weights.reshape(-1, n_in).T).view(-1, n_slots, n_out)
         return (full * mask.unsqueeze(2)).sum(dim=1)
