@@ -11,7 +11,7 @@ from loraswap.config import configure_logging, get_settings
 from loraswap.engine import Engine
 from loraswap.model_import import base_model_reference, resolved_model_path
 from loraswap.openai_api import create_app
-from loraswap.runtime import Runtime, build_runtime
+from loraswap.supervisor import EngineSupervisor
 
 configure_logging()
 settings = get_settings().anchored(Path(__file__).resolve().parent)
@@ -32,27 +32,23 @@ class LoRASwap:
 
     def __init__(self) -> None:
         self.model_path = resolved_model_path(self.base_model)
-        self.engine = Engine(settings, self.model_path)
-        self.runtime: Runtime | None = None
+        self.supervisor = EngineSupervisor(openai_app, settings, Engine(settings, self.model_path))
 
     @bentoml.on_startup
     async def start_engine(self) -> None:
-        await self.engine.start()
-        self.runtime = await build_runtime(openai_app, settings, self.engine)
-        openai_app.state.runtime = self.runtime
+        await self.supervisor.start()
 
     @bentoml.on_shutdown
     async def stop_engine(self) -> None:
-        if self.runtime is not None:
-            await self.runtime.close()
-        await self.engine.stop()
+        await self.supervisor.stop()
 
     async def __is_ready__(self) -> bool:
-        return await self.engine.is_healthy()
+        return not self.supervisor.restarting and await self.supervisor.engine.is_healthy()
 
     def __is_alive__(self) -> bool:
-        """A dead engine never recovers in-process: let the orchestrator restart us."""
-        return not self.engine.dead
+        """Alive while the engine serves or is being restarted; not once restarts failed, so
+        the orchestrator replaces the process."""
+        return not self.supervisor.failed
 
 
 LoRASwap.add_asgi_middleware(AccessMiddleware, settings=settings)

@@ -13,7 +13,7 @@ import pytest
 from httpx_ws import WebSocketUpgradeError, connect_ws
 from openai import OpenAI
 
-from loraswap.routes import BATCH_ENDPOINTS, INFERENCE_ROUTES
+from loraswap.routes import BATCH_ENDPOINTS, BY_PATH, INFERENCE_ROUTES
 from tests.conftest import BASE_MODEL, server_env
 from tests.server import Server
 
@@ -90,16 +90,63 @@ def test_websocket_needs_a_key(locked):
             assert events[-1]["usage"]["completion_tokens"] > 0
 
 
+def request_for(path: str, model: str) -> dict:
+    """A small valid body for an inference route (its own shape: Responses, Anthropic, ...)."""
+    if path == "/v1/responses":
+        return {"model": model, "input": "Say hello.", "max_output_tokens": 8}
+    if path in ("/v1/completions", "/tokenize"):
+        return {"model": model, "prompt": "Say hello.", "max_tokens": 8}
+    if path == "/detokenize":
+        return {"model": model, "tokens": [1, 2, 3]}
+    return {"model": model, "messages": [{"role": "user", "content": "Say hello."}],
+            "max_tokens": 8}  # fmt: skip
+
+
+def test_every_published_route_is_in_the_route_table_and_keyed(locked):
+    """Walk the served OpenAPI document: a route vLLM (or anyone) adds without listing it in
+    the route table fails here, and every route that is not open or health answers 401 without
+    a key."""
+    doc = httpx.get(f"{locked.url}/docs.json", timeout=30).json()
+    unlisted = [p for p in doc["paths"] if p not in BY_PATH]
+    assert not unlisted, f"served but not in loraswap.routes: {unlisted}"
+    for path, ops in doc["paths"].items():
+        route = BY_PATH[path]
+        assert {m.upper() for m in ops} <= set(route.methods) | {"HEAD"}, (path, ops)
+        if route.access in ("open", "health"):
+            continue
+        url = locked.url + path.replace("{", "").replace("}", "")
+        for method in ops:
+            resp = httpx.request(method.upper(), url, json={}, timeout=30)
+            assert resp.status_code == 401, (method, path, resp.status_code)
+
+
+def test_every_inference_route_serves_adapters(locked):
+    """The same adapter request through each inference route answers from that adapter
+    (resolved to its version), never silently from the base model."""
+    for path in INFERENCE_ROUTES:
+        if path == "/ws/generate":
+            continue  # covered by test_native over the WebSocket
+        body = request_for(path, "uppercase")
+        if path == "/generate_batch":
+            body = {"requests": [body]}
+        resp = httpx.post(f"{locked.url}{path}", json=body, headers=auth(API_KEY), timeout=60)
+        assert resp.status_code == 200, (path, resp.text)
+        if path == "/generate_stream":
+            assert '"model":"uppercase@v1"' in resp.text, resp.text[:300]
+            continue
+        data = resp.json()
+        if path == "/generate_batch":
+            data = data["results"][0]
+        if path not in ("/tokenize", "/detokenize", "/v1/messages/count_tokens"):
+            assert data["model"] == "uppercase@v1", (path, data)
+    resp = httpx.post(f"{locked.url}/v1/messages", json=request_for("/v1/messages", "nope"),
+                      headers=auth(API_KEY), timeout=60)  # fmt: skip
+    assert resp.status_code == 404, resp.text
+
+
 def _over_limit_via(locked, path: str, field: str) -> dict:
     """Send one request asking for 65 tokens (limit 64) through ``path``; its error body."""
-    ask = [{"role": "user", "content": "Say hello."}]
-    body = {"model": BASE_MODEL, field: 65}
-    if path == "/v1/responses":
-        body["input"] = "Say hello."
-    elif path == "/v1/completions":
-        body["prompt"] = "Say hello."
-    else:
-        body["messages"] = ask
+    body = {**request_for(path, BASE_MODEL), field: 65}
     if path == "/ws/generate":
         url = locked.url.replace("http://", "ws://") + f"{path}?api_key={API_KEY}"
         with httpx.Client() as http, connect_ws(url, http) as ws:
@@ -183,16 +230,63 @@ def test_burst_beyond_the_limit_gets_429_with_retry_after(locked):
     assert ok.status_code == 200
 
 
-def test_zz_dead_engine_makes_the_server_unready(locked):
-    """Runs last in this module: it kills the engine."""
+def _batch_of(client: OpenAI, n: int):
+    lines = [
+        json.dumps({"custom_id": f"line-{i}", "method": "POST", "url": "/v1/chat/completions",
+                    "body": {**CHAT, "max_tokens": 24, "temperature": 0,
+                             "messages": [{"role": "user", "content": f"Count to {i}."}]}})
+        for i in range(n)
+    ]  # fmt: skip
+    upload = client.files.create(file=("in.jsonl", "\n".join(lines).encode()), purpose="batch")
+    return client.batches.create(
+        input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+
+
+def test_zz_engine_death_is_healed_without_a_person(locked):
+    """Runs last in this module. SIGKILL the engine under load: requests get a 503 in the OpenAI
+    shape (never a 500), liveness holds, the engine comes back by itself, /readyz turns 200,
+    and a batch job that was running finishes every line exactly once."""
+    client = OpenAI(base_url=f"{locked.url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+    batch = _batch_of(client, 40)
+    deadline = time.monotonic() + 120
+    while client.batches.retrieve(batch.id).request_counts.completed < 4:
+        assert time.monotonic() < deadline, "batch counts never moved"
+        time.sleep(0.5)
+    log_before = len(locked.log_path.read_text(errors="replace").splitlines())
+    codes: list[int] = []
+    bodies: list[dict] = []
+    killed = time.monotonic()
     locked.engine_core().send_signal(signal.SIGKILL)
-    deadline = time.monotonic() + 60
-    codes = {}
-    while time.monotonic() < deadline:
-        codes = {
-            p: httpx.get(f"{locked.url}{p}", timeout=10).status_code for p in ("/readyz", "/livez")
-        }
-        if codes == {"/readyz": 503, "/livez": 503}:
+    back_after = None
+    alive = set()
+    while time.monotonic() - killed < 300:
+        resp = httpx.post(f"{locked.url}/v1/chat/completions", json=CHAT, headers=auth(API_KEY),
+                          timeout=60)  # fmt: skip
+        codes.append(resp.status_code)
+        if resp.status_code != 200:
+            bodies.append(resp.json())
+        alive.add(httpx.get(f"{locked.url}/livez", timeout=10).status_code)
+        ready = httpx.get(f"{locked.url}/readyz", timeout=10).status_code
+        if ready == 200 and resp.status_code == 200 and 503 in codes:
+            back_after = time.monotonic() - killed
             break
+        time.sleep(0.5)
+    assert back_after is not None, (codes[-5:], locked.log_tail())
+    print(f"engine killed: unavailable for {back_after:.1f} s, {codes.count(503)} requests got 503")
+    assert set(codes) <= {200, 503}, codes
+    for body in bodies:
+        assert body["error"]["type"] == "ServiceUnavailableError", body
+        assert "engine" in body["error"]["message"], body
+    assert alive == {200}, "liveness must hold while the engine restarts"
+
+    deadline = time.monotonic() + 300
+    while (done := client.batches.retrieve(batch.id)).status not in ("completed", "failed"):
+        assert time.monotonic() < deadline, done
         time.sleep(1)
-    assert codes == {"/readyz": 503, "/livez": 503}, locked.log_tail()
+    assert done.status == "completed" and done.request_counts.failed == 0, done
+    rows = [json.loads(r) for r in client.files.content(done.output_file_id).text.splitlines()]
+    assert sorted(r["custom_id"] for r in rows) == sorted(f"line-{i}" for i in range(40))
+    new_lines = locked.log_path.read_text(errors="replace").splitlines()[log_before:]
+    tracebacks = sum("Traceback" in line for line in new_lines)
+    assert tracebacks <= 3, f"{tracebacks} tracebacks for {len(codes)} requests"

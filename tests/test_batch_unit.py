@@ -45,10 +45,24 @@ class FakePipeline:
     def __init__(self, gates: dict[str, asyncio.Event] | None = None) -> None:
         self.calls: list[str] = []
         self.gates = gates or {}
+        self.interactive = 0
+        self.in_flight = self.peak = 0
 
-    async def run(self, path: str, body: dict[str, Any], raw: Any = None) -> Any:
+    async def run(
+        self, path: str, body: dict[str, Any], raw: Any = None, background: bool = False
+    ) -> Any:
+        assert background, "batch lines are background work"
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        try:
+            return await self._answer(body)
+        finally:
+            self.in_flight -= 1
+
+    async def _answer(self, body: dict[str, Any]) -> Any:
         prompt = body["prompt"]
         self.calls.append(prompt)
+        await asyncio.sleep(0.01)
         if prompt in self.gates:
             await self.gates[prompt].wait()
         if body["model"] == "bad":
@@ -344,3 +358,27 @@ def test_routes_through_the_openai_sdk(tmp_path: Path) -> None:
         await runner.close()
 
     asyncio.run(main())
+
+
+def test_idle_engine_runs_more_lines_and_gives_way_to_clients(tmp_path: Path):
+    """While no client request is in flight a job runs up to ``idle_concurrency`` lines; with
+    interactive traffic it falls back to ``concurrency``."""
+
+    async def scenario(interactive: int) -> int:
+        pipeline = FakePipeline()
+        pipeline.interactive = interactive
+        runner = BatchRunner(pipeline, BatchStore(tmp_path / str(interactive)), 2, 8)
+        lines = jsonl(*(item(f"l{i}") for i in range(40)))
+        upload = await runner.add_file("in.jsonl", "batch", lines)
+        request = BatchCreateRequest(input_file_id=upload.id, endpoint="/v1/completions")
+        batch = await runner.create(request)
+        for _ in range(500):
+            if (await runner.batch(batch.id)).status in ("completed", "failed"):
+                break
+            await asyncio.sleep(0.02)
+        assert (await runner.batch(batch.id)).status == "completed"
+        await runner.close()
+        return pipeline.peak
+
+    assert asyncio.run(scenario(0)) == 8
+    assert asyncio.run(scenario(1)) == 2

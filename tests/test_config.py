@@ -81,4 +81,26 @@ def test_bad_vllm_args_fail_clearly():
 
 def test_readme_configuration_table_is_in_step():
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    assert settings_table() in readme, "run `loraswap config --markdown` and paste into README"
+    assert settings_table() in readme, "run `make docs`"
+    from loraswap.routes import markdown_table
+
+    assert markdown_table() in readme, "run `make docs`"
+
+
+def test_repeated_errors_are_rate_limited_in_the_log():
+    import logging
+
+    from loraswap.config import RepeatFilter
+
+    repeats = RepeatFilter(window_s=60)
+
+    def record(msg: str, level: int = logging.ERROR) -> logging.LogRecord:
+        return logging.LogRecord("loraswap.x", level, __file__, 1, msg, None, None)
+
+    passed = [repeats.filter(record("engine failed")) for _ in range(50)]
+    assert passed.count(True) == 1
+    assert repeats.filter(record("another failure"))
+    assert all(repeats.filter(record("info", logging.INFO)) for _ in range(3))
+    repeats.seen[("loraswap.x", "engine failed")] = (-1e9, 49)
+    later = record("engine failed")
+    assert repeats.filter(later) and "49 more" in later.getMessage()

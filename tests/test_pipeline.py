@@ -37,16 +37,39 @@ class FakeRegistry:
 
 def pipeline(limit: int | None = 16, **kw) -> tuple[RequestPipeline, FakeRegistry]:
     registry = FakeRegistry(**kw)
-    return RequestPipeline(Settings(max_tokens_limit=limit), registry), registry
+    settings = Settings(max_tokens_limit=limit, default_max_tokens=None)
+    return RequestPipeline(settings, registry), registry
 
 
 LIMITED = [(path, field) for path, r in INFERENCE_ROUTES.items() for field in r.token_fields]
 
 
+NOT_GENERATING = {"/tokenize", "/detokenize", "/v1/messages/count_tokens"}
+
+
 def test_every_generating_route_has_a_token_limit():
     for path, route in INFERENCE_ROUTES.items():
-        assert route.token_fields or not route.generates, path
+        assert bool(route.token_fields) == (path not in NOT_GENERATING), path
     assert set(BATCH_ENDPOINTS) <= set(INFERENCE_ROUTES)
+
+
+@pytest.mark.parametrize("path", sorted(set(INFERENCE_ROUTES) - NOT_GENERATING))
+def test_default_output_bound_when_the_client_sets_none(path):
+    route = INFERENCE_ROUTES[path]
+    pipe = RequestPipeline(Settings(default_max_tokens=77, max_tokens_limit=None))
+    body = {"model": "base"}
+    asyncio.run(pipe.admit(path, body))
+    assert body[route.token_fields[0]] == 77
+    asked = {"model": "base", route.token_fields[-1]: 5}
+    asyncio.run(pipe.admit(path, asked))
+    assert asked == {"model": "base", route.token_fields[-1]: 5}  # the client's own wins
+
+
+def test_no_default_bound_leaves_the_body_alone():
+    pipe = RequestPipeline(Settings(default_max_tokens=None))
+    body = {"model": "base"}
+    asyncio.run(pipe.admit("/v1/chat/completions", body))
+    assert body == {"model": "base"}
 
 
 @pytest.mark.parametrize(("path", "field"), LIMITED)

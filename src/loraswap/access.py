@@ -13,7 +13,7 @@ from urllib.parse import parse_qs
 
 from .config import Settings
 from .errors import ApiError, send_http
-from .routes import ADMIN_PREFIXES, HEALTH_PATHS, OPEN_PATHS, inference_route
+from .routes import access_of, inference_route
 
 
 class AccessMiddleware:
@@ -25,13 +25,14 @@ class AccessMiddleware:
     def _required_keys(self, path: str) -> list[str] | None:
         """The keys that open ``path``; None when it is open."""
         s = self.settings
-        if path.startswith(ADMIN_PREFIXES) or path == "/admin":
+        access = access_of(path)
+        if access == "admin":
             return s.admin_api_keys or s.api_keys or None
-        if path in HEALTH_PATHS:
+        if access == "health":
             return s.api_keys if s.auth_health_routes else None
-        if path == "/metrics":
+        if access == "metrics":
             return s.api_keys if s.auth_metrics_route else None
-        if path in OPEN_PATHS:
+        if access == "open":
             return None
         return [*s.api_keys, *s.admin_api_keys] if s.api_keys else None
 

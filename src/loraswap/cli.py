@@ -46,15 +46,18 @@ def cmd_import_model(ns: argparse.Namespace) -> int:
 
 
 def write_readme_table(readme: Path) -> bool:
-    """Replace the table between the README's config-table markers; True if it changed."""
-    text = readme.read_text()
-    start, end = "<!-- config-table:start -->", "<!-- config-table:end -->"
-    head, _, rest = text.partition(start)
-    _, _, tail = rest.partition(end)
-    updated = f"{head}{start}\n{settings_table()}\n{end}{tail}"
-    if updated != text:
-        readme.write_text(updated)
-    return updated != text
+    """Rewrite the generated tables (configuration, routes) in the README; True if changed."""
+    from .routes import markdown_table
+
+    text = original = readme.read_text()
+    for marker, table in (("config-table", settings_table()), ("routes-table", markdown_table())):
+        start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
+        head, _, rest = text.partition(start)
+        _, _, tail = rest.partition(end)
+        text = f"{head}{start}\n{table}\n{end}{tail}"
+    if text != original:
+        readme.write_text(text)
+    return text != original
 
 
 def cmd_config(ns: argparse.Namespace) -> int:

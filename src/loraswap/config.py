@@ -155,6 +155,15 @@ class Settings(BaseSettings):
         ge=1,
         description="Largest `max_tokens` a request may ask for (unset: context length).",
     )
+    default_max_tokens: int | None = Field(
+        512,
+        ge=1,
+        description=(
+            "Output bound applied when a request sets none (`max_tokens`, "
+            "`max_completion_tokens`, `max_output_tokens`), on every route; unset: up to the "
+            "context length."
+        ),
+    )
     max_prompt_tokens: int | None = Field(
         None, ge=1, description="Longest prompt in tokens (unset: the context length)."
     )
@@ -173,6 +182,14 @@ class Settings(BaseSettings):
     )
     batch_concurrency: int = Field(
         4, ge=1, description="Requests one batch job keeps in flight (interactive traffic first)."
+    )
+    batch_idle_concurrency: int = Field(
+        16,
+        ge=1,
+        description=(
+            "Requests one batch job keeps in flight while no client request is: batch jobs use "
+            "the idle engine and fall back to `batch_concurrency` when interactive traffic comes."
+        ),
     )
     max_batch_size: int = Field(64, ge=1, description="Most requests in one `/generate_batch`.")
     mlflow_tracking_uri: str = Field(
@@ -233,13 +250,55 @@ def get_settings() -> Settings:
     return Settings()
 
 
+class RepeatFilter(logging.Filter):
+    """Lets a loraswap log line through once per ``window_s`` for the same message; the next
+    one after the window says how many were held back. A failure that repeats on every request
+    then costs a line per window, not a line (or a traceback) per request."""
+
+    def __init__(self, window_s: float = 10.0) -> None:
+        super().__init__()
+        self.window_s = window_s
+        self.seen: dict[tuple[str, str], tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("loraswap") or record.levelno < logging.WARNING:
+            return True
+        import time
+
+        key = (record.name, record.getMessage())
+        now = time.monotonic()
+        first, held = self.seen.get(key, (0.0, 0))
+        if now - first < self.window_s:
+            self.seen[key] = (first, held + 1)
+            return False
+        if len(self.seen) > 1000:
+            self.seen.clear()
+        self.seen[key] = (now, 0)
+        if held:
+            record.msg = f"{record.msg} ({held} more like this in the last {self.window_s:.0f} s)"
+        return True
+
+
+class _WhenRootIsSilent(logging.Filter):
+    """Our handler prints only where nothing else would (under BentoML, its root handler
+    prints loraswap's lines in BentoML's format, with request ids): one line per event."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not logging.getLogger().handlers
+
+
 def configure_logging(level: int = logging.INFO) -> None:
-    """Show loraswap's own log lines beside BentoML's and vLLM's."""
+    """loraswap's log lines: through BentoML's handlers when serving, else our own."""
     logger = logging.getLogger("loraswap")
     if not logger.handlers:
+        repeats = RepeatFilter()
         handler = logging.StreamHandler()
         handler.setFormatter(
             logging.Formatter("%(asctime)s [%(levelname)s] [loraswap] %(message)s")
         )
+        handler.addFilter(_WhenRootIsSilent())
+        handler.addFilter(repeats)
         logger.addHandler(handler)
+        for root_handler in logging.getLogger().handlers:
+            root_handler.addFilter(repeats)
     logger.setLevel(level)

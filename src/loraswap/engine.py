@@ -114,7 +114,7 @@ class Engine:
             return False
         try:
             await client.check_health()
-        except Exception:
-            logger.exception("engine health check failed")
+        except Exception as exc:
+            logger.warning("engine health check failed: %r", exc)
             return False
         return True

@@ -67,8 +67,16 @@ class ApiError(Exception):
         )
 
     @classmethod
-    def engine_starting(cls) -> ApiError:
-        return cls(503, "the engine is still starting", headers={"retry-after": "5"})
+    def engine_starting(cls, message: str = "the engine is still starting") -> ApiError:
+        return EngineUnavailable(message)
+
+
+class EngineUnavailable(ApiError):
+    """503: the engine is starting, or restarting after a failure. Retryable: batch lines that
+    meet it are not recorded, and their job resumes with the engine."""
+
+    def __init__(self, message: str = "the engine is restarting after a failure") -> None:
+        super().__init__(503, message, headers={"retry-after": "5"})
 
 
 async def send_http(send: Any, exc: ApiError) -> None:
@@ -84,11 +92,18 @@ async def send_http(send: Any, exc: ApiError) -> None:
 
 
 def install(app: Any) -> None:
-    """Render :class:`ApiError` raised by any FastAPI route of ``app``."""
+    """Render :class:`ApiError` raised by any FastAPI route of ``app``; a dead engine (vLLM's
+    ``EngineDeadError``, whose own handler expects vLLM's server object) is a 503."""
     from fastapi import Request
     from fastapi.responses import JSONResponse
+
+    from . import vllm_compat
 
     async def handler(_: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
+    async def engine_dead(request: Request, _: Exception) -> JSONResponse:
+        return await handler(request, EngineUnavailable())
+
     app.add_exception_handler(ApiError, handler)
+    app.add_exception_handler(vllm_compat.EngineDeadError, engine_dead)

@@ -3,6 +3,7 @@ with the request pipeline in front of vLLM's inference routes."""
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
@@ -10,11 +11,14 @@ from fastapi import FastAPI
 from . import errors, vllm_compat
 from .config import Settings
 from .pipeline import PipelineMiddleware, VllmHandlers
+from .routes import VLLM_PATHS
 
 if TYPE_CHECKING:
     from argparse import Namespace
 
     from vllm.engine.protocol import EngineClient
+
+logger = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -39,8 +43,34 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(native_router)
     app.include_router(batches_router)
     app.include_router(info_router())
-    app.add_middleware(PipelineMiddleware, pipeline_of=lambda: _pipeline(app))
+    app.add_middleware(
+        PipelineMiddleware, pipeline_of=lambda: _pipeline(app), unavailable=lambda: _reason(app)
+    )
     return app
+
+
+def keep_listed_vllm_routes(app: FastAPI, ours: list) -> None:
+    """Serve only the vLLM routes the route table lists (and none that duplicate ours, such as
+    ``/v1/models``); name the rest once in the log."""
+    mine = {id(r) for r in ours}
+    our_paths = {getattr(r, "path", None) for r in ours}
+    kept, dropped = [], set()
+    for route in app.router.routes:
+        path = getattr(route, "path", None)
+        if id(route) in mine or (path in VLLM_PATHS and path not in our_paths):
+            kept.append(route)
+        else:
+            dropped.add(str(path))
+    app.router.routes[:] = kept
+    app.openapi_schema = None
+    if dropped:
+        logger.info("vLLM routes not served (not in the route table): %s", sorted(dropped))
+
+
+def _reason(app: FastAPI) -> str:
+    from .runtime import unavailable_reason
+
+    return unavailable_reason(app)
 
 
 def _pipeline(app: FastAPI):
@@ -49,10 +79,15 @@ def _pipeline(app: FastAPI):
 
 
 async def attach_engine(app: FastAPI, client: EngineClient, args: Namespace) -> VllmHandlers:
-    """Register vLLM's routers and serving state once the engine is up."""
+    """vLLM's serving state for ``client`` (again after an engine restart); its routers, the
+    ones the route table lists, the first time."""
     supported_tasks = await client.get_supported_tasks()
     app.state.args = args  # register_api_routers reads it
-    vllm_compat.register_api_routers(args, app, supported_tasks, client.model_config)
+    if not getattr(app.state, "vllm_routes_mounted", False):
+        ours = list(app.router.routes)
+        vllm_compat.register_api_routers(args, app, supported_tasks, client.model_config)
+        keep_listed_vllm_routes(app, ours)
+        app.state.vllm_routes_mounted = True
     await vllm_compat.init_app_state(client, app.state, args, supported_tasks)
     return VllmHandlers(
         chat=app.state.openai_serving_chat,

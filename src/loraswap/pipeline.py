@@ -20,8 +20,8 @@ import pydantic
 from . import metrics, vllm_compat
 from .adapters.keys import AdapterKey
 from .config import Settings
-from .errors import ApiError, send_http
-from .routes import INFERENCE_ROUTES, InferenceRoute
+from .errors import ApiError, EngineUnavailable, send_http
+from .routes import INFERENCE_ROUTES, Route
 
 if TYPE_CHECKING:
     from vllm.engine.protocol import EngineClient
@@ -72,9 +72,15 @@ class RequestPipeline:
         self.settings = settings
         self.registry = registry
         self.handlers = handlers
+        self.interactive = 0  # requests in flight from clients (not batch lines)
 
     # ----- admission -----------------------------------------------------------------------
-    def check_limits(self, route: InferenceRoute, body: dict[str, Any]) -> None:
+    def check_limits(self, route: Route, body: dict[str, Any]) -> None:
+        """The hard output limit, and the default bound when the client asks for none."""
+        if route.token_fields and all(body.get(f) is None for f in route.token_fields):
+            default = self.settings.default_max_tokens
+            if default is not None:
+                body[route.token_fields[0]] = default
         limit = self.settings.max_tokens_limit
         if limit is None:
             return
@@ -122,22 +128,33 @@ class RequestPipeline:
                 raise ApiError(400, f"unsupported endpoint {path!r}", param="url")
         except pydantic.ValidationError as exc:
             raise ApiError(400, validation_message(exc)) from None
+        except vllm_compat.EngineDeadError:
+            raise EngineUnavailable() from None
         except (vllm_compat.VLLMError, ValueError, TypeError, OverflowError) as exc:
             result = vllm_compat.create_error_response(exc)  # vLLM's own mapping to codes
         if isinstance(result, vllm_compat.ErrorResponse):
+            if result.error.code >= 500 and getattr(self.handlers.chat.engine_client, "errored", 0):
+                raise EngineUnavailable()
             raise ApiError.from_body(result.model_dump())
         return result
 
-    async def run(self, path: str, body: dict[str, Any], raw: Any = None) -> Any:
-        """Admit and run one non-streaming OpenAI request; vLLM's response object."""
-        admission = await self.admit(path, body)
+    async def run(
+        self, path: str, body: dict[str, Any], raw: Any = None, background: bool = False
+    ) -> Any:
+        """Admit and run one non-streaming OpenAI request; vLLM's response object.
+        ``background`` work (batch lines) does not count as interactive traffic."""
+        self.interactive += not background
         try:
-            result = await self._call_vllm(path, body, raw)
-        except ApiError:
-            self.finish(admission, ok=False)
-            raise
-        self.finish(admission, ok=True)
-        return result
+            admission = await self.admit(path, body)
+            try:
+                result = await self._call_vllm(path, body, raw)
+            except ApiError:
+                self.finish(admission, ok=False)
+                raise
+            self.finish(admission, ok=True)
+            return result
+        finally:
+            self.interactive -= not background
 
     async def stream(
         self, path: str, body: dict[str, Any], raw: Any = None
@@ -158,6 +175,7 @@ class RequestPipeline:
 
     async def _frames(self, admission: Admission, chunks: Any) -> AsyncIterator[dict[str, Any]]:
         ok = True
+        self.interactive += 1
         try:
             async for block in chunks:
                 for line in block.splitlines():
@@ -171,6 +189,7 @@ class RequestPipeline:
                         ok = False
                     yield chunk
         finally:
+            self.interactive -= 1
             await chunks.aclose()
             self.finish(admission, ok)
 
@@ -231,21 +250,27 @@ class PipelineMiddleware:
     resolved ``model`` and replayed to vLLM; the response status is recorded per adapter.
     """
 
-    def __init__(self, app: Any, pipeline_of: Callable[[], RequestPipeline | None]) -> None:
+    def __init__(
+        self,
+        app: Any,
+        pipeline_of: Callable[[], RequestPipeline | None],
+        unavailable: Callable[[], str] = lambda: "the engine is still starting",
+    ) -> None:
         self.app = app
         self.pipeline_of = pipeline_of
+        self.unavailable = unavailable
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         route = INFERENCE_ROUTES.get(scope.get("path", ""))
         if scope["type"] != "http" or scope["method"] != "POST" or route is None:
             await self.app(scope, receive, send)
             return
-        if not route.vllm_router:
+        if not route.vllm:
             await self.app(scope, receive, send)
             return
         pipeline = self.pipeline_of()
         if pipeline is None:
-            await send_http(send, ApiError.engine_starting())
+            await send_http(send, EngineUnavailable(self.unavailable()))
             return
 
         chunks, size, more = [], 0, True
@@ -295,7 +320,9 @@ class PipelineMiddleware:
                 status = message["status"]
             await send(message)
 
+        pipeline.interactive += 1
         try:
             await self.app(scope, replay, watch)
         finally:
+            pipeline.interactive -= 1
             pipeline.finish(admission, ok=status < 400)

@@ -70,7 +70,10 @@ async def build_runtime(app: Any, settings: Settings, engine: Engine) -> Runtime
             await registry.preload(settings.adapter_roots[0])
         runtime.registry = pipeline.registry = registry
     runtime.batches = BatchRunner(
-        pipeline, BatchStore(settings.state_dir), settings.batch_concurrency
+        pipeline,
+        BatchStore(settings.state_dir),
+        settings.batch_concurrency,
+        settings.batch_idle_concurrency,
     )
     await runtime.batches.resume()
     return runtime
@@ -80,8 +83,12 @@ def runtime_of(conn: Any) -> Runtime:
     """The runtime of the app serving ``conn`` (a Request or WebSocket); 503 while starting."""
     runtime = getattr(conn.app.state, "runtime", None)
     if runtime is None:
-        raise ApiError.engine_starting()
+        raise ApiError.engine_starting(unavailable_reason(conn.app))
     return runtime
+
+
+def unavailable_reason(app: Any) -> str:
+    return getattr(app.state, "unavailable", None) or "the engine is still starting"
 
 
 def registry_of(conn: Any) -> AdapterRegistry:

@@ -41,6 +41,7 @@ NAMES: dict[str, str] = {
     "BatchResponseData": "vllm.entrypoints.launchers.run_batch",
     # errors, sampling, LoRA
     "VLLMError": "vllm.exceptions",
+    "EngineDeadError": "vllm.v1.engine.exceptions",
     "VLLMValidationError": "vllm.exceptions",
     "RequestOutputKind": "vllm.sampling_params",
     "LoRARequest": "vllm.lora.request",

@@ -10,12 +10,13 @@ runs in a thread: SQLite and file I/O must not stall the event loop.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ..errors import ApiError
+from ..errors import ApiError, EngineUnavailable
 from ..routes import BATCH_ENDPOINTS
 from .protocol import (
     ACTIVE,
@@ -42,7 +43,11 @@ logger = logging.getLogger(__name__)
 class LinePipeline(Protocol):
     """What the runner needs of :class:`~loraswap.pipeline.RequestPipeline`."""
 
-    async def run(self, path: str, body: dict[str, Any], raw: Any = None) -> Any: ...
+    interactive: int  # client requests in flight: batch lines beyond the floor wait for 0
+
+    async def run(
+        self, path: str, body: dict[str, Any], raw: Any = None, background: bool = False
+    ) -> Any: ...
 
 
 @dataclass
@@ -66,10 +71,13 @@ def move(batch: Batch, status: str) -> None:
 class BatchRunner:
     """The Files and Batch APIs' operations; jobs run as tasks on the caller's event loop."""
 
-    def __init__(self, pipeline: LinePipeline, store: BatchStore, concurrency: int) -> None:
+    def __init__(
+        self, pipeline: LinePipeline, store: BatchStore, concurrency: int, idle_concurrency: int = 0
+    ) -> None:
         self.pipeline = pipeline
         self.store = store
-        self.concurrency = max(1, concurrency)
+        self.concurrency = max(1, concurrency)  # lines in flight whatever else runs
+        self.idle_concurrency = max(self.concurrency, idle_concurrency)  # while clients are idle
         self.jobs: dict[str, Job] = {}
 
     # ----- files ---------------------------------------------------------------------------
@@ -166,6 +174,8 @@ class BatchRunner:
             await self._execute(batch_id, job)
         except asyncio.CancelledError:
             raise
+        except EngineUnavailable:
+            logger.info("batch %s paused: the engine is unavailable; it resumes with it", batch_id)
         except Exception:
             logger.exception("batch %s failed", batch_id)
             await asyncio.to_thread(self.store.update, batch_id, lambda b: move(b, "failed"))
@@ -202,20 +212,26 @@ class BatchRunner:
             return
         if batch.status == "cancelling":
             job.cancelled.set()
-        pending = iter([i for i in range(len(lines)) if i not in done])
+        pending = collections.deque(i for i in range(len(lines)) if i not in done)
 
-        async def worker() -> None:
+        async def worker(spare: bool) -> None:
+            """``spare`` workers take a line only while no client request is in flight."""
             try:
-                for index in pending:  # shared: each index goes to exactly one worker
-                    if job.cancelled.is_set():
+                while True:
+                    while spare and self.pipeline.interactive > 0 and pending:
+                        if job.cancelled.is_set():
+                            return
+                        await asyncio.sleep(0.2)
+                    if job.cancelled.is_set() or not pending:
                         return
+                    index = pending.popleft()  # shared: each index goes to exactly one worker
                     ok, output = await self._line(batch_id, batch.endpoint, lines[index])
                     await asyncio.to_thread(self.store.record, batch_id, index, ok, output)
             except BaseException:
                 job.cancelled.set()  # the job is failing: the other workers stop too
                 raise
 
-        await asyncio.gather(*(worker() for _ in range(self.concurrency)))
+        await asyncio.gather(*(worker(i >= self.concurrency) for i in range(self.idle_concurrency)))
         await self._finish(batch_id)
 
     async def _line(self, batch_id: str, endpoint: str, item: BatchInputLine) -> tuple[bool, str]:
@@ -224,8 +240,10 @@ class BatchRunner:
         try:
             if item.body.get("stream"):
                 raise ApiError(400, "stream is not supported in a batch", param="stream")
-            result = await self.pipeline.run(endpoint, dict(item.body))
+            result = await self.pipeline.run(endpoint, dict(item.body), background=True)
             status, body, ok = 200, result.model_dump(mode="json"), True
+        except EngineUnavailable:
+            raise  # not the line's fault: it stays pending and runs when the engine is back
         except ApiError as exc:
             status, body, ok = exc.status, exc.body(), False
         except Exception as exc:  # one line's failure never fails the job
