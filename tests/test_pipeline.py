@@ -160,3 +160,32 @@ def test_middleware_leaves_malformed_json_to_vllm():
     app = PipelineMiddleware(echo_app, lambda: pipe)
     status, _ = asyncio.run(_call(app, "/v1/completions", b'"just a string"'))
     assert status == 200
+
+
+def test_middleware_resolves_sagemakers_adapter_header():
+    """/invocations names its adapter in a header: resolved like `model`, passed on resolved."""
+    pipe, _ = pipeline()
+    seen_headers: list = []
+
+    async def app(scope, receive, send):
+        seen_headers.extend(scope["headers"])
+        await echo_app(scope, receive, send)
+
+    async def call():
+        sent: list[dict] = []
+        messages = [{"type": "http.request", "body": b'{"model": "x"}', "more_body": False}]
+
+        async def receive():
+            return messages.pop(0)
+
+        async def send(message):
+            sent.append(message)
+
+        headers = [(b"x-amzn-sagemaker-adapter-identifier", b"sql")]
+        scope = {"type": "http", "method": "POST", "path": "/invocations", "headers": headers}
+        await PipelineMiddleware(app, lambda: pipe)(scope, receive, send)
+        return json.loads(sent[1]["body"])
+
+    body = asyncio.run(call())
+    assert body["model"] == "sql@v2"
+    assert (b"x-amzn-sagemaker-adapter-identifier", b"sql@v2") in seen_headers

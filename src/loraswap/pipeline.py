@@ -290,18 +290,23 @@ class PipelineMiddleware:
         except (ValueError, UnicodeDecodeError):
             payload = None  # vLLM answers malformed JSON itself
         admission = Admission(None)
+        header = route.adapter_header.encode() if route.adapter_header else None
+        named = next((v for k, v in scope["headers"] if header and k.lower() == header), None)
         if isinstance(payload, dict):
+            if named is not None:  # the route's adapter header names the model
+                payload["model"] = named.decode("latin-1")
             try:
                 admission = await pipeline.admit(route.path, payload)
             except ApiError as exc:
                 await send_http(send, exc)
                 return
-            if admission.key is not None:
-                body = json.dumps(payload).encode()
-                scope = dict(scope)
-                scope["headers"] = [
-                    (k, v) for k, v in scope["headers"] if k.lower() != b"content-length"
-                ] + [(b"content-length", str(len(body)).encode())]
+            body = json.dumps(payload).encode()
+            drop = {b"content-length", header}
+            headers = [(k, v) for k, v in scope["headers"] if k.lower() not in drop]
+            headers.append((b"content-length", str(len(body)).encode()))
+            if header and admission.key is not None:
+                headers.append((header, str(admission.key).encode()))
+            scope = {**scope, "headers": headers}
 
         sent = False
 

@@ -26,14 +26,18 @@ class Route:
     inference: bool = False
     # Served by vLLM's own router (the pipeline middleware rewrites its body first).
     vllm: bool = False
+    # A header that names the adapter instead of the body's ``model`` (SageMaker's).
+    adapter_header: str | None = None
 
     @property
     def generates(self) -> bool:
         return bool(self.token_fields)
 
 
-def _inference(path: str, summary: str, fields: tuple[str, ...] = (), vllm: bool = True) -> Route:
-    return Route(path, ("POST",), "user", summary, fields, inference=True, vllm=vllm)
+def _inference(
+    path: str, summary: str, fields: tuple[str, ...] = (), vllm: bool = True, **kw: str
+) -> Route:
+    return Route(path, ("POST",), "user", summary, fields, inference=True, vllm=vllm, **kw)
 
 
 CHAT_FIELDS = ("max_tokens", "max_completion_tokens")
@@ -46,7 +50,12 @@ ROUTES: tuple[Route, ...] = (
     _inference("/v1/responses", "OpenAI Responses (stateless)", ("max_output_tokens",)),
     _inference("/v1/messages", "Anthropic Messages", ("max_tokens",)),
     _inference("/v1/messages/count_tokens", "Anthropic token count"),
-    _inference("/invocations", "SageMaker: a chat or completion body", CHAT_FIELDS),
+    _inference(
+        "/invocations",
+        "SageMaker: a chat or completion body",
+        CHAT_FIELDS,
+        adapter_header="x-amzn-sagemaker-adapter-identifier",
+    ),
     _inference("/tokenize", "vLLM tokenizer"),
     _inference("/detokenize", "vLLM detokenizer"),
     # native inference (loraswap's handlers call the pipeline)
