@@ -11,10 +11,12 @@ UV := $(VENV)/bin/uv
 LOCK := requirements/$(DEVICE).lock
 STAMP := $(VENV)/.installed-$(DEVICE)
 PORT ?= $(or $(BENTOML_PORT),3000)
+FUZZ_STAMP := .venv-fuzz/.installed
+FUZZ_TIME ?= 420
 # uv does not read pip's config: pass on pip's find-links (where a local torch build may live).
 export UV_FIND_LINKS ?= $(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
 
-.PHONY: install model serve test lint lock docs build bento-version bench bench-report clean
+.PHONY: install model serve test fuzz lint lock docs build bento-version bench bench-report clean
 
 install: $(STAMP)
 
@@ -38,8 +40,18 @@ model: $(STAMP)
 serve: model
 	BENTOML_PORT=$(PORT) $(VENV)/bin/bentoml serve service:LoRASwap --port $(PORT)
 
-test: model
+test: model $(FUZZ_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# schemathesis in its own venv (its pins are not the server's); tests/test_zz_fuzz.py drives it.
+$(FUZZ_STAMP): | $(UV)
+	$(UV) venv -q --allow-existing --python $(PYTHON) .venv-fuzz
+	$(UV) pip install -q --python .venv-fuzz/bin/python "schemathesis==4.32.5"
+	touch $@
+
+# Fuzz every operation of the served OpenAPI document for FUZZ_TIME seconds (any 5xx fails).
+fuzz: model $(FUZZ_STAMP)
+	FUZZ_TIME=$(FUZZ_TIME) $(PY) -m pytest -q -s tests/test_zz_fuzz.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
@@ -79,4 +91,4 @@ lock: | $(UV)
 		-o requirements/gpu.lock
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .venv-fuzz .pytest_cache

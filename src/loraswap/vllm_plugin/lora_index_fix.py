@@ -28,6 +28,34 @@ ENV_VAR = "LORASWAP_LORA_INDEX_FIX"
 WRITTEN_FOR = ("0.32.0",)
 
 
+def _per_row(
+    inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """Upstream's per-row product (a gathered weight copy and an einsum), with the fix."""
+    import torch
+
+    # fix: -1 means "no LoRA"; do not let it wrap around to the last slot.
+    no_lora = (indices < 0).unsqueeze(-1)  # fix
+    selected_loras = weights[indices.clamp(min=0)].to(dtype=dtype)  # fix
+    if len(selected_loras.shape) == 4:
+        selected_loras = selected_loras.squeeze(dim=1)
+    outputs = torch.einsum("bi, boi -> bo", inputs.to(dtype=dtype), selected_loras)
+    return outputs.masked_fill(no_lora, 0)  # fix
+
+
+def write_expanded(output_tensor: torch.Tensor, outputs: torch.Tensor, add_inputs: bool) -> None:
+    """Upstream's ``bgmv_expand`` write: padding may differ between adapter and model, and a
+    single row of outputs broadcasts."""
+    limit = output_tensor.shape[0]
+    if outputs.shape[0] == 1 and output_tensor.shape[0] != 1:
+        limit = 1
+    common_len = min(outputs.shape[1], output_tensor.shape[1])
+    if add_inputs:
+        output_tensor[:, :common_len] += outputs[:limit, :common_len]
+    else:
+        output_tensor[:, :common_len] = outputs[:limit, :common_len]
+
+
 def bgmv_expand(
     inputs: torch.Tensor,
     lora_b_weights: torch.Tensor,
@@ -35,30 +63,9 @@ def bgmv_expand(
     lora_indices_tensor: torch.Tensor,
     add_inputs: bool = True,
 ):
-    import torch
+    outputs = _per_row(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
 
-    # fix: -1 means "no LoRA"; do not let it wrap around to the last slot.
-    no_lora = (lora_indices_tensor < 0).unsqueeze(-1)  # fix
-    selected_loras = lora_b_weights[lora_indices_tensor.clamp(min=0)].to(  # fix
-        dtype=output_tensor.dtype
-    )
-    if len(selected_loras.shape) == 4:
-        selected_loras = selected_loras.squeeze(dim=1)
-    inputs = inputs.to(dtype=output_tensor.dtype)
-    outputs = torch.einsum("bi, boi -> bo", inputs, selected_loras)
-    outputs = outputs.masked_fill(no_lora, 0)  # fix
-
-    limit = output_tensor.shape[0]
-    if outputs.shape[0] == 1 and output_tensor.shape[0] != 1:
-        limit = 1
-
-    # LoRA adapter and model may add different amounts of padding to output
-    common_len = min(outputs.shape[1], output_tensor.shape[1])
-
-    if add_inputs:
-        output_tensor[:, :common_len] += outputs[:limit, :common_len]
-    else:
-        output_tensor[:, :common_len] = outputs[:limit, :common_len]
+    write_expanded(output_tensor, outputs, add_inputs)
 
 
 def bgmv_shrink(
@@ -68,18 +75,7 @@ def bgmv_shrink(
     lora_indices_tensor: torch.Tensor,
     scaling: float = 1.0,
 ):
-    import torch
-
-    # fix: -1 means "no LoRA"; do not let it wrap around to the last slot.
-    no_lora = (lora_indices_tensor < 0).unsqueeze(-1)  # fix
-    selected_loras = lora_b_weights[lora_indices_tensor.clamp(min=0)].to(  # fix
-        dtype=output_tensor.dtype
-    )
-    if len(selected_loras.shape) == 4:
-        selected_loras = selected_loras.squeeze(dim=1)
-    inputs = inputs.to(dtype=output_tensor.dtype)
-    outputs = torch.einsum("bi, boi -> bo", inputs, selected_loras)
-    outputs = outputs.masked_fill(no_lora, 0)  # fix
+    outputs = _per_row(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
 
     output_tensor[:, : outputs.shape[1]] = scaling * outputs[:]
 
@@ -93,18 +89,7 @@ def bgmv_expand_slice(
     slice_size: int,
     add_inputs: bool = True,
 ):
-    import torch
-
-    # fix: -1 means "no LoRA"; do not let it wrap around to the last slot.
-    no_lora = (lora_indices_tensor < 0).unsqueeze(-1)  # fix
-    selected_loras = lora_b_weights[lora_indices_tensor.clamp(min=0)].to(  # fix
-        dtype=output_tensor.dtype
-    )
-    inputs = inputs.to(dtype=output_tensor.dtype)
-    if len(selected_loras.shape) == 4:
-        selected_loras = selected_loras.squeeze(dim=1)
-    outputs = torch.einsum("bi, boi -> bo", inputs, selected_loras)
-    outputs = outputs.masked_fill(no_lora, 0)  # fix
+    outputs = _per_row(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
 
     if add_inputs:
         output_tensor[:, slice_offset : slice_offset + slice_size] += outputs[:]

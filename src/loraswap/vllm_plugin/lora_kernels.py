@@ -18,7 +18,7 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from .lora_index_fix import lora_device
+from .lora_index_fix import lora_device, write_expanded
 from .sgmv import sgmv_ops
 
 if TYPE_CHECKING:
@@ -150,14 +150,7 @@ def bgmv_expand(
             output_tensor[:, :common_len] = 0
         return
 
-    limit = output_tensor.shape[0]
-    if outputs.shape[0] == 1 and output_tensor.shape[0] != 1:
-        limit = 1
-
-    if add_inputs:
-        output_tensor[:, :common_len] += outputs[:limit, :common_len]
-    else:
-        output_tensor[:, :common_len] = outputs[:limit, :common_len]
+    write_expanded(output_tensor, outputs[:, :common_len], add_inputs)
 
 
 def bgmv_shrink(
