@@ -40,7 +40,7 @@ model: $(STAMP)
 serve: model
 	BENTOML_PORT=$(PORT) $(VENV)/bin/bentoml serve service:LoRASwap --port $(PORT)
 
-test: model $(FUZZ_STAMP)
+test: model
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # schemathesis in its own venv (its pins are not the server's); tests/test_zz_fuzz.py drives it.

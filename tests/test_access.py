@@ -198,6 +198,8 @@ def test_max_tokens_limit_on_every_inference_route_and_batch_lines(locked):
 
 
 def test_max_prompt_tokens(locked):
+    """Refused on every route, and a client's mistake costs the log one line, no traceback."""
+    log_before = len(locked.log_path.read_text(errors="replace").splitlines())
     long = {**CHAT, "messages": [{"role": "user", "content": "hello " * 300}]}
     for path in ("/v1/chat/completions", "/v1/completions", "/generate", "/generate_stream"):
         body = long if path != "/v1/completions" else {**CHAT, "prompt": "hello " * 300}
@@ -206,6 +208,10 @@ def test_max_prompt_tokens(locked):
         resp = httpx.post(f"{locked.url}{path}", json=body, headers=auth(API_KEY), timeout=60)
         assert resp.status_code == 400, (path, resp.text)
         assert "at most 200" in resp.json()["error"]["message"]
+    time.sleep(1)
+    new_lines = locked.log_path.read_text(errors="replace").splitlines()[log_before:]
+    assert not [line for line in new_lines if "Traceback" in line], new_lines[:20]
+    assert len(new_lines) <= 3 * 4, new_lines  # access line + at most a line or two each
 
 
 def test_burst_beyond_the_limit_gets_429_with_retry_after(locked):

@@ -189,3 +189,12 @@ def test_middleware_resolves_sagemakers_adapter_header():
     body = asyncio.run(call())
     assert body["model"] == "sql@v2"
     assert (b"x-amzn-sagemaker-adapter-identifier", b"sql@v2") in seen_headers
+
+
+def test_responses_message_without_content_is_400():
+    """vLLM 0.32 answers it with a 500 (list index out of range); found by the fuzzer."""
+    pipe, _ = pipeline()
+    body = {"model": "base", "input": [{"type": "message", "role": "assistant", "content": []}]}
+    with pytest.raises(ApiError) as err:
+        asyncio.run(pipe.admit("/v1/responses", body))
+    assert err.value.status == 400 and err.value.param == "input"

@@ -279,6 +279,28 @@ class RepeatFilter(logging.Filter):
         return True
 
 
+class ClientErrorsInOneLine(logging.Filter):
+    """For vLLM's own log: a client's mistake (vLLM's ``VLLMClientError``, such as a prompt over
+    the limit, or a 4xx ``ErrorInfo``) is the client's answer, not a server fault: no traceback,
+    and the per-request 4xx echo is dropped (the access log already has the request's line)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and any(c.__name__ == "VLLMClientError" for c in type(exc).__mro__):
+            record.msg = f"{record.msg}: {exc}"
+            record.exc_info = record.exc_text = None
+            return True
+        message = record.getMessage()
+        return not ("ErrorInfo(" in message and "code=4" in message)
+
+
+def quiet_vllm_client_errors() -> None:
+    """Install :class:`ClientErrorsInOneLine` on vLLM's handlers (once vLLM configured them)."""
+    for handler in logging.getLogger("vllm").handlers:
+        if not any(isinstance(f, ClientErrorsInOneLine) for f in handler.filters):
+            handler.addFilter(ClientErrorsInOneLine())
+
+
 class _WhenRootIsSilent(logging.Filter):
     """Our handler prints only where nothing else would (under BentoML, its root handler
     prints loraswap's lines in BentoML's format, with request ids): one line per event."""

@@ -75,6 +75,18 @@ class RequestPipeline:
         self.interactive = 0  # requests in flight from clients (not batch lines)
 
     # ----- admission -----------------------------------------------------------------------
+    @staticmethod
+    def check_input(route: Route, body: dict[str, Any]) -> None:
+        """Inputs vLLM 0.32 answers with a 500 instead of a 400 (found by fuzzing)."""
+        if route.path == "/v1/responses" and isinstance(body.get("input"), list):
+            for i, item in enumerate(body["input"]):
+                if (
+                    isinstance(item, dict)
+                    and item.get("type") == "message"
+                    and (not item.get("content"))
+                ):
+                    raise ApiError(400, f"input[{i}] is a message without content", param="input")
+
     def check_limits(self, route: Route, body: dict[str, Any]) -> None:
         """The hard output limit, and the default bound when the client asks for none."""
         if route.token_fields and all(body.get(f) is None for f in route.token_fields):
@@ -94,6 +106,7 @@ class RequestPipeline:
     async def admit(self, path: str, body: dict[str, Any]) -> Admission:
         """Check ``body`` for ``path``, resolve and load its adapter, rewrite its ``model``."""
         route = INFERENCE_ROUTES[path]
+        self.check_input(route, body)
         self.check_limits(route, body)
         model = body.get("model")
         key = None

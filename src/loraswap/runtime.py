@@ -50,9 +50,11 @@ async def build_runtime(app: Any, settings: Settings, engine: Engine) -> Runtime
     from .adapters.residency import VllmAdapterEngine
     from .adapters.validation import BaseModelShapes
     from .batches import BatchRunner, BatchStore
+    from .config import quiet_vllm_client_errors
     from .engine import is_cpu_build
     from .openai_api import attach_engine
 
+    quiet_vllm_client_errors()
     client = engine.client
     pipeline = RequestPipeline(settings)
     pipeline.guard_engine(client)
