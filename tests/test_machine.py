@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
+from loraswap.config import Settings
 from loraswap.machine import CpuCaps, choose_dtype, read_cpu
 
 AVX2 = "fpu sse sse2 avx avx2 fma f16c"
@@ -65,3 +67,47 @@ def test_read_cpu_parses_proc_cpuinfo(tmp_path: Path):
 def test_read_cpu_on_this_machine_is_consistent():
     cpu = read_cpu()
     assert cpu.kind and cpu.fingerprint()["kind"] == cpu.kind
+
+
+def test_info_says_where_each_setting_came_from(tmp_path: Path, monkeypatch):
+    """``loraswap info --json``: env beats ``.env`` beats default, secrets redacted, the base
+    model and registered adapters listed, JSON-serialisable as printed."""
+    import json
+    import subprocess
+    import sys
+
+    (tmp_path / ".env").write_text("LORASWAP_MAX_LORAS=4\nLORASWAP_API_KEYS=secret-key\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LORASWAP_")}
+    env["LORASWAP_MAX_NUM_SEQS"] = "8"
+    out = subprocess.run(
+        [sys.executable, "-m", "loraswap", "info", "--json"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    doc = json.loads(out)
+    settings = doc["settings"]
+    assert settings["max_num_seqs"] == {"value": 8, "source": "env"}
+    assert settings["max_loras"] == {"value": 4, "source": ".env"}
+    assert settings["max_cpu_loras"]["source"] == "default"
+    assert settings["api_keys"] == {"value": "<1 set>", "source": ".env"}
+    assert "secret-key" not in out
+    assert doc["base_model"]["served_as"] == "smollm2-135m-instruct"
+    assert doc["adapters"] == []  # no registry in this directory
+    engine = doc["engine"]
+    assert engine["tool_call_parser"]["value"] == "hermes"
+    assert engine["chat_template"]["value"].endswith("chatml_tools.jinja")
+
+
+def test_tool_parser_follows_the_chat_template():
+    from loraswap.chat_templates import CHATML_TOOLS, chat_template_choice, tool_parser_choice
+
+    default = Settings()
+    assert chat_template_choice(default)[0] == str(CHATML_TOOLS)
+    assert tool_parser_choice(default)[0] == "hermes"
+    other = Settings(base_model="Qwen/Qwen2.5-0.5B-Instruct", served_model_name="qwen")
+    assert chat_template_choice(other)[0] == "" and tool_parser_choice(other)[0] == ""
+    chosen = Settings(base_model="meta-llama/Llama-3.2-1B-Instruct", tool_call_parser="llama3_json")
+    assert tool_parser_choice(chosen)[0] == "llama3_json"
+    assert tool_parser_choice(Settings(tool_call_parser="none"))[0] == ""
+    assert chat_template_choice(Settings(chat_template="model"))[0] == ""
+    quantized = Settings(base_model="smollm2-135m-instruct-w8a8")
+    assert tool_parser_choice(quantized)[0] == "hermes"

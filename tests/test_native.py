@@ -54,6 +54,32 @@ def test_generate_chat_and_prompt(server):
     assert 2 <= body["usage"]["completion_tokens"] <= 8
 
 
+def test_native_routes_default_to_the_base_model(server):
+    """``model`` is optional on every native route: absent, the base model answers."""
+    bare = {k: v for k, v in CHAT.items() if k != "model"}
+    expected = post(server, "/generate", CHAT).json()["text"]
+    body = post(server, "/generate", bare).json()
+    assert body["model"] == BASE_MODEL and body["text"] == expected, body
+    with (
+        httpx.Client(timeout=120) as http,
+        connect_sse(http, "POST", f"{server.url}/generate_stream", json=bare) as source,
+    ):
+        events = [json.loads(e.data) for e in source.iter_sse() if e.data != "[DONE]"]
+    assert "".join(e.get("text", "") for e in events) == expected
+    assert events[0]["model"] == BASE_MODEL and events[-1]["done"]
+    results = post(server, "/generate_batch", {"requests": [bare]}).json()["results"]
+    assert results[0]["text"] == expected and results[0]["model"] == BASE_MODEL
+    ws_url = server.url.replace("http://", "ws://") + "/ws/generate"
+    with httpx.Client(timeout=120) as http, connect_ws(ws_url, http) as ws:
+        ws.send_json({"id": "bare", **bare})
+        events = []
+        while not events or not events[-1].get("done"):
+            events.append(ws.receive_json(timeout=120))
+    assert "".join(e.get("text", "") for e in events) == expected
+    schema = httpx.get(f"{server.url}/docs.json", timeout=30).json()["components"]["schemas"]
+    assert "model" not in schema["GenerateRequest"].get("required", [])
+
+
 def test_generate_matches_the_openai_route(server, client):
     native = post(server, "/generate", CHAT).json()["text"]
     openai_text = client.chat.completions.create(**CHAT).choices[0].message.content

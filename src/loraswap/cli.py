@@ -74,9 +74,10 @@ def cmd_config(ns: argparse.Namespace) -> int:
 def cmd_info(ns: argparse.Namespace) -> int:
     """The machine, the settings ``auto`` picks on it, and where every setting came from."""
     from .engine import is_cpu_build
-    from .info import collect, render
+    from .info import collect, offline_additions, render
 
-    doc = collect(Settings(), is_cpu_build())
+    settings = Settings()
+    doc = collect(settings, is_cpu_build()) | offline_additions(settings)
     print(json.dumps(doc, indent=2) if ns.json else render(doc))
     return 0
 

@@ -90,7 +90,31 @@ class Settings(BaseSettings):
         "",
         description=(
             "Extra `vllm serve` arguments, parsed by vLLM's own parser "
-            "(e.g. `--enable-prefix-caching --tool-call-parser hermes`)."
+            "(e.g. `--enable-prefix-caching`)."
+        ),
+    )
+    chat_template: str = Field(
+        "auto",
+        description=(
+            "Chat template: `auto` ships a tool-aware one for the default model (its own template "
+            "plus Hermes tool blocks) and keeps other models' own; `model` keeps the model's own; "
+            "or a path to a Jinja template."
+        ),
+    )
+    tool_call_parser: str = Field(
+        "auto",
+        description=(
+            "vLLM tool-call parser for `tools` with `tool_choice` `auto` (e.g. `hermes`, "
+            "`llama3_json`, `mistral`): `auto` is `hermes` with the shipped template and off for "
+            "other models; `none` turns tool calling off."
+        ),
+    )
+    tool_strict_level: Literal["auto", "function", "parameter"] = Field(
+        "parameter",
+        description=(
+            "How far vLLM constrains tool calls (`--tool-strict-level`): `parameter` makes every "
+            "call's arguments valid against its function's JSON schema; `function` only the call "
+            "envelope; `auto` only tools marked `strict`."
         ),
     )
 

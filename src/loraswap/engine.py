@@ -45,6 +45,14 @@ def engine_cli_args(settings: Settings, model_path: str) -> list[str]:
         args.append("--trust-remote-code")
     if settings.enforce_eager:
         args.append("--enforce-eager")
+    if settings.chat_template:
+        args += ["--chat-template", settings.chat_template]
+    if settings.tool_call_parser:
+        args += [
+            "--enable-auto-tool-choice",
+            "--tool-call-parser", settings.tool_call_parser,
+            "--tool-strict-level", settings.tool_strict_level,
+        ]  # fmt: skip
     if settings.log_requests:
         args.append("--enable-log-requests")
     if settings.enable_lora:

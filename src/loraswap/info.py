@@ -15,11 +15,24 @@ from .machine import Choice, describe, engine_choices
 SECRET_FIELDS = {"api_keys", "admin_api_keys", "fsspec_storage_options"}
 
 
-def _source(settings: Settings, name: str) -> str:
-    if f"LORASWAP_{name.upper()}" in os.environ:
+def _dotenv_keys() -> set[str]:
+    """Variable names set in the ``.env`` file the settings read (case-insensitive)."""
+    from dotenv import dotenv_values
+
+    env_file = Settings.model_config.get("env_file")
+    if not env_file or not os.path.isfile(env_file):
+        return set()
+    return {key.upper() for key in dotenv_values(env_file)}
+
+
+def _source(settings: Settings, name: str, dotenv: set[str]) -> str:
+    variable = f"LORASWAP_{name.upper()}"
+    if variable in os.environ:
         return "env"
+    if variable in dotenv and name in settings.model_fields_set:
+        return ".env"
     if name in settings.model_fields_set:
-        return ".env or argument"
+        return "argument"
     return "default"
 
 
@@ -30,9 +43,9 @@ def _shown(name: str, value: Any) -> Any:
 
 
 def settings_with_sources(settings: Settings) -> dict[str, dict[str, Any]]:
-    data = settings.model_dump()
+    data, dotenv = settings.model_dump(mode="json"), _dotenv_keys()
     return {
-        name: {"value": _shown(name, data[name]), "source": _source(settings, name)}
+        name: {"value": _shown(name, data[name]), "source": _source(settings, name, dotenv)}
         for name in Settings.model_fields
     }
 
@@ -71,9 +84,11 @@ def render(doc: dict[str, Any]) -> str:
         for name, e in doc["engine"].items()
     ]
     if "base_model" in doc:
-        lines.append(f"base     {doc['base_model']}")
+        base = doc["base_model"]
+        lines.append(f"base     {base['served_as']} <- {base['source']} ({base['location']})")
     if "adapters" in doc:
-        lines.append(f"adapters {doc['adapters']}")
+        shown = ", ".join(f"{a['name']}@{a['version']}" for a in doc["adapters"]) or "none"
+        lines.append(f"adapters {shown}")
     lines.append("settings (source)")
     lines += [
         f"  LORASWAP_{name.upper():28} {s['value']!s:32} {s['source']}"
@@ -94,8 +109,89 @@ def build_router() -> APIRouter:
         settings with their sources (secrets redacted), base model, adapter count, versions."""
         runtime = runtime_of(request)
         doc = collect(runtime.settings, runtime.cpu_build, runtime.choices)
-        doc["base_model"] = runtime.base_name
-        doc["adapters"] = len(runtime.registry.catalog.state.adapters) if runtime.registry else 0
+        doc["base_model"] = base_model_entry(runtime.settings, runtime.model_path)
+        state = runtime.registry.catalog.state if runtime.registry else None
+        doc["adapters"] = adapter_entries(state)
         return doc
 
     return router
+
+
+def base_model_entry(settings: Settings, location: str) -> dict[str, str]:
+    return {"served_as": settings.served_model_name, "source": settings.base_model,
+            "location": location}  # fmt: skip
+
+
+def adapter_entries(state: Any) -> list[dict[str, Any]]:
+    """Registered adapters, each with the version its name serves (and canary, if any)."""
+    if state is None:
+        return []
+    return [
+        {
+            "name": r.name,
+            "version": r.alias.version,
+            "versions": sorted(r.versions),
+            "canary": r.alias.canary_version,
+            "canary_weight": r.alias.canary_weight,
+            "pinned": r.pinned,
+        }
+        for r in sorted(state.adapters.values(), key=lambda r: r.name)
+    ]
+
+
+def offline_additions(settings: Settings) -> dict[str, Any]:
+    """For ``loraswap info`` without a server: where the base model is and what the registry
+    document holds (shipped adapters register at the server's first start)."""
+    import bentoml
+
+    from .adapters.catalog import CatalogStore
+    from .model_import import base_model_reference
+
+    reference = base_model_reference(settings.base_model, settings.base_model_revision)
+    if isinstance(reference, str):
+        location = reference
+    elif isinstance(reference, bentoml.models.HuggingFaceModel):
+        location = "Hugging Face hub (fetched by `bentoml build` or at first start)"
+    else:
+        try:
+            location = bentoml.models.get(settings.base_model).path
+        except bentoml.exceptions.NotFound:
+            location = "not imported yet: run `loraswap import-model`"
+    try:
+        state = CatalogStore(settings.registry_uri, settings.fsspec_storage_options).load()
+    except Exception:
+        state = None
+    return {"base_model": base_model_entry(settings, location), "adapters": adapter_entries(state)}
+
+
+def listen_url() -> str:
+    """Where this BentoML server listens (its ``--port``/``--host``), for people to click."""
+    host, port = "localhost", os.environ.get("BENTOML_PORT", "3000")
+    try:
+        from bentoml._internal.configuration.containers import BentoMLContainer
+
+        host, port = BentoMLContainer.http.host.get(), BentoMLContainer.http.port.get()
+    except Exception:  # BentoML's container moved: the defaults still say something useful
+        pass
+    if host in ("0.0.0.0", "::", "", None):
+        host = "localhost"
+    return f"http://{host}:{port}"
+
+
+def ready_banner(runtime: Any, started_s: float, url: str | None = None) -> str:
+    """One log event when the server first turns ready: where, what it serves, what to try."""
+    url = url or listen_url()
+    state = runtime.registry.catalog.state if runtime.registry else None
+    adapters = [entry["name"] for entry in adapter_entries(state)]
+    key = " -H 'Authorization: Bearer $KEY'" if runtime.settings.api_keys else ""
+    body = (
+        f'{{"model": "{runtime.base_name}", '
+        '"messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 32}'
+    )
+    return "\n".join([
+        f"loraswap ready in {started_s:.0f} s at {url} (OpenAPI: {url}/docs)",
+        f"  base model: {runtime.base_name}; adapters: {', '.join(adapters) or 'none'}",
+        f"  try: curl {url}/v1/chat/completions{key} -H 'Content-Type: application/json' "
+        f"-d '{body}'",
+        "  or:  loraswap info, loraswap adapters list, examples/ (OpenAI SDK, tools, batches)",
+    ])  # fmt: skip

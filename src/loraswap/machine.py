@@ -133,8 +133,14 @@ def choose_dtype(caps: CpuCaps | None, requested: str, batch_invariant: bool = T
 
 def engine_choices(settings: Settings, cpu_build: bool) -> dict[str, Choice]:
     """Every engine setting that ``auto`` resolves on this machine, with why."""
+    from .chat_templates import chat_template_choice, tool_parser_choice
+
     caps = read_cpu() if cpu_build else None
-    return {"dtype": choose_dtype(caps, settings.dtype, settings.batch_invariant)}
+    return {
+        "dtype": choose_dtype(caps, settings.dtype, settings.batch_invariant),
+        "chat_template": Choice(*chat_template_choice(settings)),
+        "tool_call_parser": Choice(*tool_parser_choice(settings)),
+    }
 
 
 def describe(cpu_build: bool) -> dict[str, Any]:

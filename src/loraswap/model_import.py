@@ -148,14 +148,19 @@ def download_hub(repo_id: str, revision: str, target: Path) -> Path:
 def convert_gguf(gguf: Path, target: Path, dtype: str, progress: Progress) -> None:
     """Dequantise a GGUF into a Hugging Face safetensors directory with its tokenizer."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[
         dtype
     ]
     progress(f"loading {gguf.name} with transformers (dequantising to {dtype})")
+    # dequantize=True: we want dense weights to store, not GGUF blocks to compute with (which
+    # would also warn about a dtype the user cannot act on).
     model = AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name, dtype=torch_dtype
+        str(gguf.parent),
+        gguf_file=gguf.name,
+        dtype=torch_dtype,
+        quantization_config=GgufConfig(dequantize=True),
     )
     # A GGUF-loaded model carries a quantizer marker that makes save_pretrained refuse.
     model.hf_quantizer = None

@@ -32,6 +32,7 @@ class Runtime:
     batches: BatchRunner | None = None
     choices: dict[str, Choice] = field(default_factory=dict)
     cpu_build: bool = True
+    model_path: str = ""
 
     @property
     def base_name(self) -> str:
@@ -61,8 +62,9 @@ async def build_runtime(app: Any, settings: Settings, engine: Engine) -> Runtime
     handlers = await attach_engine(app, client, engine.args)
     pipeline.handlers = handlers
     runtime = Runtime(
-        settings, client, handlers, pipeline, choices=engine.choices, cpu_build=is_cpu_build()
-    )
+        settings, client, handlers, pipeline, choices=engine.choices, cpu_build=is_cpu_build(),
+        model_path=engine.model_path,
+    )  # fmt: skip
     if settings.enable_lora:
         slots = VllmAdapterEngine(client, handlers.models, settings.served_model_name)
         shapes = BaseModelShapes.from_checkpoint(engine.model_path)

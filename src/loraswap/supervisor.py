@@ -48,7 +48,11 @@ class EngineSupervisor:
         return self.runtime is None and not self.failed
 
     async def start(self) -> None:
+        from .info import ready_banner
+
+        started = time.monotonic()
         await self._bring_up()
+        logger.info(ready_banner(self.runtime, time.monotonic() - started))
         self._watch = asyncio.create_task(self._watch_engine(), name="engine supervisor")
 
     async def stop(self) -> None:

@@ -9,15 +9,18 @@ never served.
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .validation import ADAPTER_CONFIG, AdapterInvalid, inside_roots
 
+logger = logging.getLogger(__name__)
 HF_SOURCE = re.compile(r"^hf://(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+))?$")
 ADAPTER_FILES = [ADAPTER_CONFIG, "adapter_model.safetensors", "README.md"]
 
@@ -97,6 +100,8 @@ def materialize(
         return Materialized(target, kind)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-{version}-", dir=cache_dir))
+    started = time.monotonic()
+    logger.info("adapter %s@%s: downloading %s", name, version, source)
     try:
         if kind == "hf":
             match = HF_SOURCE.match(source)
@@ -111,4 +116,7 @@ def materialize(
     except Exception as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise AdapterInvalid(f"cannot fetch adapter from {source}: {exc}") from None
+    size = sum(f.stat().st_size for f in tmp.iterdir() if f.is_file())
+    logger.info("adapter %s@%s: downloaded %.1f MB in %.1f s", name, version, size / 1e6,
+                time.monotonic() - started)  # fmt: skip
     return Materialized(_publish(tmp, target), kind)

@@ -7,7 +7,6 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 CHAT_EXAMPLE = {
-    "model": "smollm2-135m-instruct",
     "messages": [{"role": "user", "content": "What is the capital of France?"}],
     "max_tokens": 32,
     "temperature": 0,
@@ -25,7 +24,13 @@ class GenerateRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [CHAT_EXAMPLE]})
 
-    model: str = Field(description="base model, adapter alias, or adapter@version")
+    model: str | None = Field(
+        None,
+        description=(
+            "base model, adapter alias, or adapter@version; absent: the base model "
+            "(unlike the OpenAI routes, which require it)"
+        ),
+    )
     prompt: str | None = Field(None, description="raw prompt; exclusive with messages")
     messages: list[Message] | None = Field(None, min_length=1)
     max_tokens: int | None = Field(None, ge=1)

@@ -33,8 +33,14 @@ class NativeServing:
     def __init__(self, pipeline: RequestPipeline) -> None:
         self.pipeline = pipeline
 
+    def body_of(self, req: GenerateRequest) -> dict[str, Any]:
+        """The OpenAI body, the base model standing in for an absent ``model``."""
+        body = req.openai_body()
+        body.setdefault("model", self.pipeline.settings.served_model_name)
+        return body
+
     async def generate(self, req: GenerateRequest, raw: Any = None) -> GenerateResponse:
-        result = await self.pipeline.run(endpoint_of(req), req.openai_body(), raw)
+        result = await self.pipeline.run(endpoint_of(req), self.body_of(req), raw)
         choices = [
             Choice(
                 index=c.index,
@@ -62,7 +68,7 @@ class NativeServing:
 
         Closing this generator closes vLLM's, which aborts the engine request.
         """
-        chunks = await self.pipeline.stream(endpoint_of(req), req.openai_body(), raw)
+        chunks = await self.pipeline.stream(endpoint_of(req), self.body_of(req), raw)
         return _deltas(chunks)
 
 
