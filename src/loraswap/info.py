@@ -164,16 +164,32 @@ def offline_additions(settings: Settings) -> dict[str, Any]:
     return {"base_model": base_model_entry(settings, location), "adapters": adapter_entries(state)}
 
 
-def listen_url() -> str:
-    """Where this BentoML server listens (its ``--port``/``--host``), for people to click."""
-    host, port = "localhost", os.environ.get("BENTOML_PORT", "3000")
-    try:
-        from bentoml._internal.configuration.containers import BentoMLContainer
+def _argv_value(flag: str) -> str | None:
+    import sys
 
-        host, port = BentoMLContainer.http.host.get(), BentoMLContainer.http.port.get()
-    except Exception:  # BentoML's container moved: the defaults still say something useful
-        pass
-    if host in ("0.0.0.0", "::", "", None):
+    for i, arg in enumerate(sys.argv):
+        if arg == flag and i + 1 < len(sys.argv):
+            return sys.argv[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def listen_url() -> str:
+    """Where this BentoML server listens, for people to click: the socket BentoML handed this
+    worker (``--fd``), else ``bentoml serve --port/--host``, else ``BENTOML_PORT``."""
+    import socket
+
+    host = _argv_value("--host") or "localhost"
+    port = _argv_value("--port") or os.environ.get("BENTOML_PORT", "3000")
+    fd = _argv_value("--fd")
+    if fd is not None and fd.isdigit():
+        try:
+            with socket.socket(fileno=os.dup(int(fd))) as sock:
+                port = str(sock.getsockname()[1])
+        except (OSError, IndexError):
+            pass
+    if host in ("0.0.0.0", "::", ""):
         host = "localhost"
     return f"http://{host}:{port}"
 
