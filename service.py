@@ -51,4 +51,4 @@ class LoRASwap:
         return not self.supervisor.failed
 
 
-LoRASwap.add_asgi_middleware(AccessMiddleware, settings=settings)
+LoRASwap.add_asgi_middleware(AccessMiddleware, settings=settings, tenancy=openai_app.state.tenancy)

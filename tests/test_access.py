@@ -68,7 +68,7 @@ def test_keys_open_their_routes_only(locked):
         OpenAI(base_url=f"{locked.url}/v1", api_key="nope", max_retries=0).models.list()
     assert httpx.post(f"{locked.url}/generate", json=CHAT, headers=auth("user-key-2"),
                       timeout=60).status_code == 200  # fmt: skip
-    assert httpx.get(f"{locked.url}/admin/adapters", headers=auth(API_KEY)).status_code == 401
+    assert httpx.get(f"{locked.url}/admin/adapters", headers=auth(API_KEY)).status_code == 403
     assert httpx.get(f"{locked.url}/admin/adapters", headers=auth(ADMIN_KEY)).status_code == 200
     assert httpx.get(f"{locked.url}/metrics", headers=auth(API_KEY)).status_code == 200
     for path in ("/livez", "/readyz"):

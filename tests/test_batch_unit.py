@@ -22,6 +22,7 @@ from loraswap.batches.protocol import Batch, BatchCreateRequest
 from loraswap.config import Settings
 from loraswap.errors import ApiError
 from loraswap.pipeline import RequestPipeline
+from loraswap.tenants.principal import ANONYMOUS
 
 DONE = ("completed", "failed", "cancelled", "expired")
 FILE_KEYS = {"id", "object", "bytes", "created_at", "filename", "purpose", "status"}
@@ -89,9 +90,9 @@ def jsonl(*items: Any) -> bytes:
 
 
 async def start(runner: BatchRunner, data: bytes) -> Batch:
-    uploaded = await runner.add_file("in.jsonl", "batch", data)
+    uploaded = await runner.add_file("in.jsonl", "batch", data, "anonymous")
     request = BatchCreateRequest(input_file_id=uploaded.id, endpoint="/v1/completions")
-    return await runner.create(request)
+    return await runner.create(request, ANONYMOUS)
 
 
 async def wait_for(runner: BatchRunner, batch_id: str, done: Any = None) -> Batch:
@@ -106,7 +107,7 @@ async def wait_for(runner: BatchRunner, batch_id: str, done: Any = None) -> Batc
 
 async def lines_of(runner: BatchRunner, file_id: str | None) -> list[dict[str, Any]]:
     assert file_id is not None
-    return [json.loads(x) for x in (await runner.content(file_id)).decode().splitlines()]
+    return [json.loads(x) for x in (await runner.content(file_id, None)).decode().splitlines()]
 
 
 def counts(batch: Batch) -> tuple[int, int, int]:
@@ -163,7 +164,7 @@ def test_mixed_job_completes_with_counts_and_files(tmp_path: Path, caplog) -> No
             "param": "temperature", "code": 400}  # fmt: skip
         assert failures["boom"]["body"]["error"]["type"] == "InternalServerError"
         assert failures["streamed"]["body"]["error"]["param"] == "stream"
-        output_file = await runner.file(batch.output_file_id or "")
+        output_file = await runner.file(batch.output_file_id or "", None)
         assert output_file.purpose == "batch_output"
         await runner.close()
 
@@ -282,9 +283,9 @@ def test_store_calls_run_off_the_event_loop(tmp_path: Path) -> None:
         batch = await wait_for(runner, (await start(runner, jsonl(item("a"), item("b")))).id)
         await runner.cancel(batch.id)
         await runner.batches()
-        await runner.files()
-        await runner.content(batch.output_file_id or "")
-        await runner.delete_file(batch.output_file_id or "")
+        await runner.files(None)
+        await runner.content(batch.output_file_id or "", None)
+        await runner.delete_file(batch.output_file_id or "", None)
         await runner.resume()
         await runner.close()
         return threading.get_ident()
@@ -369,9 +370,9 @@ def test_idle_engine_runs_more_lines_and_gives_way_to_clients(tmp_path: Path):
         pipeline.interactive = interactive
         runner = BatchRunner(pipeline, BatchStore(tmp_path / str(interactive)), 2, 8)
         lines = jsonl(*(item(f"l{i}") for i in range(40)))
-        upload = await runner.add_file("in.jsonl", "batch", lines)
+        upload = await runner.add_file("in.jsonl", "batch", lines, "anonymous")
         request = BatchCreateRequest(input_file_id=upload.id, endpoint="/v1/completions")
-        batch = await runner.create(request)
+        batch = await runner.create(request, ANONYMOUS)
         for _ in range(500):
             if (await runner.batch(batch.id)).status in ("completed", "failed"):
                 break

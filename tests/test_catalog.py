@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import random
+import time
+from typing import Any
+from uuid import uuid4
 
 import pytest
+from fsspec.asyn import sync
 
+from loraswap import documents as documents_module
 from loraswap.adapters.catalog import (
     AdapterRecord,
     AliasRecord,
@@ -15,6 +21,7 @@ from loraswap.adapters.catalog import (
     VersionRecord,
 )
 from loraswap.adapters.keys import AdapterKey, split_model
+from loraswap.documents import _flocked, _s3_put, _s3_read
 from loraswap.errors import ApiError
 
 BASE = "base-model"
@@ -139,3 +146,141 @@ def test_commit_merges_a_change_made_by_another_replica(tmp_path):
 
 def test_store_missing_document_is_empty(tmp_path):
     assert CatalogStore(str(tmp_path / "none.json")).load() == CatalogState()
+
+
+# ----- concurrent writers (compare-and-swap) --------------------------------------------------
+class SlowReads:
+    """A store whose reads come back late: two replicas read the same revision, then both write
+    (the lost-update race, nearly every commit). Writes go to the real store."""
+
+    def __init__(self, store: CatalogStore) -> None:
+        self.store = store
+
+    def load(self) -> CatalogState:
+        state = self.store.load()
+        time.sleep(random.uniform(0.001, 0.01))
+        return state
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+
+def adder(name: str):
+    """A mutation as the registry writes them: it numbers the record from the state it is given,
+    so running it again on a newer state must not count twice."""
+
+    async def add(state: CatalogState) -> None:
+        state.adapters[name] = AdapterRecord(name=name, alias=AliasRecord(version="v1"))
+        state.next_lora_id += 1
+
+    return add
+
+
+def race(uri: str, options: dict | None = None, commits: int = 15) -> CatalogState:
+    """Two replicas, each committing ``commits`` different adapters, at the same time."""
+    replicas = {p: Catalog(SlowReads(CatalogStore(uri, options)), BASE) for p in "ab"}
+
+    async def run(prefix: str, cat: Catalog) -> None:
+        async def adopt(state: CatalogState) -> None:
+            cat.state = state
+
+        for i in range(commits):
+            await cat.commit(adder(f"{prefix}{i}"), adopt)
+
+    async def main() -> None:
+        await asyncio.gather(*(run(p, cat) for p, cat in replicas.items()))
+
+    asyncio.run(main())
+    final = CatalogStore(uri, options).load()
+    assert set(final.adapters) == {f"{p}{i}" for p in "ab" for i in range(commits)}
+    assert final.revision == 2 * commits and final.next_lora_id == 2 * commits + 1
+    return final
+
+
+def test_concurrent_commits_on_a_local_document_lose_nothing(tmp_path):
+    race(str(tmp_path / "registry.json"))
+
+
+def test_concurrent_commits_on_s3_lose_nothing(s3, monkeypatch):
+    """Also forces the conditional PUT itself to lose: a pause between the GET that took the
+    ETag and the PUT lets the other replica write first, so S3 (moto) answers 412. PUTs are
+    serialised because moto's check-then-store is not atomic across its request threads."""
+    refused = []
+    one_at_a_time = asyncio.Lock()  # used on fsspec's I/O loop, where both replicas' PUTs run
+
+    async def slow_put(fs: Any, path: str, data: bytes, condition: dict[str, str]) -> bool:
+        await asyncio.sleep(random.uniform(0, 0.01))
+        async with one_at_a_time:
+            ok = await _s3_put(fs, path, data, condition)
+        refused.append(not ok)
+        return ok
+
+    monkeypatch.setattr(documents_module, "_s3_put", slow_put)
+    race(f"s3://{s3['bucket']}/race-{uuid4().hex}/registry.json", s3["options"], commits=10)
+    assert any(refused), "the conditional PUT never had to refuse a write"
+
+
+def test_s3_conditional_put_refuses_a_stale_etag(s3):
+    store = CatalogStore(f"s3://{s3['bucket']}/cas-{uuid4().hex}/registry.json", s3["options"])
+    fs, path = store._fs()
+    assert sync(fs.loop, _s3_read, fs, path) == (0, {"IfNoneMatch": "*"})
+    create = {"IfNoneMatch": "*"}
+    assert store.save_if(CatalogState(revision=1), 0)
+    assert not sync(fs.loop, _s3_put, fs, path, b"{}", create), "created meanwhile: 412"
+    revision, match = sync(fs.loop, _s3_read, fs, path)
+    assert revision == 1 and set(match) == {"IfMatch"}
+    assert store.save_if(CatalogState(revision=2), 1)
+    assert not sync(fs.loop, _s3_put, fs, path, b"{}", match), "changed since the read: 412"
+    assert not store.save_if(CatalogState(revision=2), 1), "stale revision"
+    assert store.load() == CatalogState(revision=2)
+
+
+def test_local_save_if_compares_under_the_lock(tmp_path):
+    store = CatalogStore(str(tmp_path / "registry.json"))
+    assert store.save_if(CatalogState(revision=1), 0)
+    assert not store.save_if(CatalogState(revision=1), 0), "stale revision"
+    store.lock_timeout = 0.05
+    with _flocked(tmp_path / "registry.json.lock", timeout=1):  # another writer is mid-write
+        assert not store.save_if(CatalogState(revision=2), 1)
+    assert store.save_if(CatalogState(revision=2), 1)
+    assert store.load().revision == 2
+
+
+def test_other_filesystems_write_and_read_back():
+    store = CatalogStore(f"memory://loraswap-{uuid4().hex}/registry.json")
+    assert store.save_if(CatalogState(revision=1), 0)
+    assert not store.save_if(CatalogState(revision=1), 0), "stale revision"
+    assert store.load().revision == 1
+
+
+def test_commit_gives_409_when_the_conflict_persists(tmp_path):
+    """Another replica writes right after each of our reads: every try is re-run on the newer
+    document, then the caller gets a 409 telling it to retry; nothing of ours is written."""
+    uri = str(tmp_path / "registry.json")
+    rival = CatalogStore(uri)
+
+    class Contested(SlowReads):
+        def load(self) -> CatalogState:
+            state = self.store.load()
+            assert rival.save_if(
+                state.model_copy(update={"revision": state.revision + 1}), state.revision
+            )
+            return state
+
+    cat = Catalog(Contested(CatalogStore(uri)), BASE)
+    cat.attempts = 3
+    seen = []
+
+    async def add(state: CatalogState) -> None:
+        seen.append(state.revision)
+        state.adapters["mine"] = AdapterRecord(name="mine", alias=AliasRecord(version="v1"))
+
+    async def adopt(state: CatalogState) -> None:
+        cat.state = state
+
+    with pytest.raises(ApiError) as err:
+        asyncio.run(cat.commit(add, adopt))
+    assert err.value.status == 409 and "retry" in err.value.message
+    assert seen == [0, 1, 2]
+    final = rival.load()
+    assert final.revision == 3 and "mine" not in final.adapters

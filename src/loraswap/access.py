@@ -7,34 +7,38 @@ the OpenAI error shape, ``Retry-After``, and counting only generating traffic.
 
 from __future__ import annotations
 
-import hmac
 from typing import Any
 from urllib.parse import parse_qs
 
 from .config import Settings
 from .errors import ApiError, send_http
 from .routes import access_of, inference_route
+from .tenants import CURRENT, Principal, Tenancy
+from .tenants.principal import ANONYMOUS
 
 
 class AccessMiddleware:
-    def __init__(self, app: Any, settings: Settings) -> None:
+    def __init__(self, app: Any, settings: Settings, tenancy: Tenancy | None = None) -> None:
         self.app = app
         self.settings = settings
+        self.directory = (tenancy or Tenancy(settings)).directory
         self.inflight = 0
 
-    def _required_keys(self, path: str) -> list[str] | None:
-        """The keys that open ``path``; None when it is open."""
+    def _allowed(self, access: str, principal: Principal | None) -> bool:
         s = self.settings
-        access = access_of(path)
+        if access == "open" or not self.directory.auth_required:
+            return True
+        if access == "health" and not s.auth_health_routes:
+            return True
+        if access == "metrics" and not s.auth_metrics_route:
+            return True
+        if principal is None:
+            return False
+        if access == "operator":
+            return principal.global_admin
         if access == "admin":
-            return s.admin_api_keys or s.api_keys or None
-        if access == "health":
-            return s.api_keys if s.auth_health_routes else None
-        if access == "metrics":
-            return s.api_keys if s.auth_metrics_route else None
-        if access == "open":
-            return None
-        return [*s.api_keys, *s.admin_api_keys] if s.api_keys else None
+            return principal.admin
+        return True
 
     @staticmethod
     def _presented_key(scope: dict) -> str | None:
@@ -52,7 +56,7 @@ class AccessMiddleware:
     async def _reject(scope: dict, receive: Any, send: Any, exc: ApiError) -> None:
         if scope["type"] == "websocket":
             await receive()  # websocket.connect
-            code = 1008 if exc.status == 401 else 1013
+            code = 1008 if exc.status in (401, 403) else 1013
             await send({"type": "websocket.close", "code": code, "reason": exc.message[:120]})
             return
         await send_http(send, exc)
@@ -62,17 +66,27 @@ class AccessMiddleware:
             await self.app(scope, receive, send)
             return
         path = scope["path"]
-        keys = self._required_keys(path)
-        if keys:
-            presented = self._presented_key(scope)
-            if presented is None or not any(
-                hmac.compare_digest(presented.encode(), k.encode()) for k in keys
-            ):
-                await self._reject(scope, receive, send, ApiError(
+        self.directory.refresh_if_due()
+        presented = self._presented_key(scope)
+        principal = self.directory.authenticate(presented)
+        access = access_of(path)
+        if not self._allowed(access, principal):
+            if principal is None:
+                error = ApiError(
                     401, "missing or invalid API key (send `Authorization: Bearer <key>`)",
                     headers={"www-authenticate": "Bearer"},
-                ))  # fmt: skip
-                return
+                )  # fmt: skip
+            else:
+                error = ApiError(403, "this key may not use this route")
+            await self._reject(scope, receive, send, error)
+            return
+        token = CURRENT.set(principal or ANONYMOUS)
+        try:
+            await self._limited(scope, receive, send, path)
+        finally:
+            CURRENT.reset(token)
+
+    async def _limited(self, scope: dict, receive: Any, send: Any, path: str) -> None:
         route = inference_route(path)
         if route is None or not route.generates:
             await self.app(scope, receive, send)

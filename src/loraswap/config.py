@@ -199,6 +199,13 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Bearer keys for adapter management (default: the API keys).",
     )
+    tenants_uri: str | None = Field(
+        None,
+        description=(
+            "Where tenants and their hashed keys persist: a local path or an fsspec URL shared "
+            "by replicas (unset: `<state_dir>/tenants.json`). Manage with `loraswap tenants`."
+        ),
+    )
     auth_health_routes: bool = Field(False, description="Require an API key on /livez, /readyz.")
     auth_metrics_route: bool = Field(False, description="Require an API key on /metrics.")
     state_dir: Path = Field(

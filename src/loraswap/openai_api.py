@@ -29,6 +29,8 @@ def create_app(settings: Settings) -> FastAPI:
     from .batches import router as batches_router
     from .info import build_router as info_router
     from .native.router import router as native_router
+    from .tenants import Tenancy
+    from .tenants.router import router as tenants_router
 
     app = FastAPI(
         title="loraswap OpenAI-compatible API",
@@ -37,12 +39,14 @@ def create_app(settings: Settings) -> FastAPI:
         redoc_url=None,
     )
     app.state.runtime = None
+    app.state.tenancy = Tenancy(settings)  # outlives engine restarts, like the access layer
     vllm_compat.init_exception_handler(app)
     errors.install(app)
     app.include_router(adapters_router)  # before vLLM's: its /v1/models lists adapters too
     app.include_router(native_router)
     app.include_router(batches_router)
     app.include_router(info_router())
+    app.include_router(tenants_router)
     app.add_middleware(
         PipelineMiddleware, pipeline_of=lambda: _pipeline(app), unavailable=lambda: _reason(app)
     )

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import pydantic
@@ -22,11 +23,17 @@ from .adapters.keys import AdapterKey
 from .config import Settings
 from .errors import ApiError, EngineUnavailable, send_http
 from .routes import INFERENCE_ROUTES, Route
+from .tenants import Principal, current
+
+if TYPE_CHECKING:
+    from .tenants import Tenancy
 
 if TYPE_CHECKING:
     from vllm.engine.protocol import EngineClient
 
 MAX_BODY_BYTES = 64 << 20
+# "batch" while a Batch API line runs: its tokens count against the owner's daily batch budget.
+SOURCE: ContextVar[str] = ContextVar("loraswap_source", default="api")
 
 
 class AdapterResolver(Protocol):
@@ -45,6 +52,8 @@ class Admission:
 
     model: Any
     key: AdapterKey | None = None
+    principal: Principal | None = field(default=None, repr=False)
+    limited: bool = False  # counted by the tenant limiter: release it at finish
 
 
 @dataclass
@@ -68,10 +77,12 @@ class RequestPipeline:
         settings: Settings,
         registry: AdapterResolver | None = None,
         handlers: VllmHandlers | None = None,
+        tenancy: Tenancy | None = None,
     ) -> None:
         self.settings = settings
         self.registry = registry
         self.handlers = handlers
+        self.tenancy = tenancy
         self.interactive = 0  # requests in flight from clients (not batch lines)
 
     # ----- admission -----------------------------------------------------------------------
@@ -96,35 +107,68 @@ class RequestPipeline:
         limit = self.settings.max_tokens_limit
         if limit is None:
             return
-        for field in route.token_fields:
-            asked = body.get(field)
+        for name in route.token_fields:
+            asked = body.get(name)
             if isinstance(asked, int) and not isinstance(asked, bool) and asked > limit:
                 raise ApiError(
-                    400, f"{field} is {asked}; this server allows at most {limit}", param=field
+                    400, f"{name} is {asked}; this server allows at most {limit}", param=name
                 )
 
-    async def admit(self, path: str, body: dict[str, Any]) -> Admission:
-        """Check ``body`` for ``path``, resolve and load its adapter, rewrite its ``model``."""
+    def check_access(self, principal: Principal, model: Any, key: AdapterKey | None) -> None:
+        """A tenant uses only its adapters (and the base model if allowed); anything else is
+        the same 404 as a model that does not exist, so nothing leaks."""
+        if principal.tenant is None:
+            return
+        if key is not None:
+            allowed = principal.may_use_adapter(key.name)
+        else:
+            allowed = model in (None, self.settings.served_model_name) and principal.may_use_base()
+        if not allowed:
+            raise ApiError(404, f"The model `{model}` does not exist.", param="model")
+
+    def check_batch_budget(self, principal: Principal) -> None:
+        tenant = principal.tenant
+        cap = tenant.limits.batch_tokens_per_day if tenant is not None else None
+        if cap is None or self.tenancy is None:
+            return
+        used = self.tenancy.usage.batch_tokens_today(tenant.name)
+        if used >= cap:
+            raise ApiError(
+                429, f"tenant {tenant.name!r} used its {cap} batch tokens for today (UTC)",
+                headers={"retry-after": "3600"},
+            )  # fmt: skip
+
+    async def admit(self, path: str, body: dict[str, Any], background: bool = False) -> Admission:
+        """Check ``body`` for ``path``: limits, who may use its ``model``, the tenant's limits;
+        resolve and load its adapter, rewrite its ``model``. Every admission is finished."""
         route = INFERENCE_ROUTES[path]
         self.check_input(route, body)
         self.check_limits(route, body)
+        principal = current()
         model = body.get("model")
         key = None
         if self.registry is not None and isinstance(model, str):
             key = self.registry.resolve(model)
-        if key is None:
-            return Admission(model)
-        try:
-            await self.registry.ensure_loaded(key)
-        except ApiError:
-            self.registry.record_request(key, ok=False)
-            raise
-        body["model"] = str(key)
-        return Admission(str(key), key)
+        self.check_access(principal, model, key)
+        if background:
+            self.check_batch_budget(principal)
+        if key is not None:
+            try:
+                await self.registry.ensure_loaded(key)
+            except ApiError:
+                self.registry.record_request(key, ok=False)
+                raise
+            body["model"] = model = str(key)
+        limited = False
+        if not background and self.tenancy is not None:
+            limited = self.tenancy.limiter.acquire(principal)
+        return Admission(model, key, principal, limited)
 
     def finish(self, admission: Admission, ok: bool) -> None:
         if admission.key is not None and self.registry is not None:
             self.registry.record_request(admission.key, ok)
+        if admission.limited and self.tenancy is not None:
+            self.tenancy.limiter.release(admission.principal)
 
     # ----- running through vLLM's serving layer --------------------------------------------
     async def _call_vllm(self, path: str, body: dict[str, Any], raw: Any) -> Any:
@@ -157,8 +201,9 @@ class RequestPipeline:
         """Admit and run one non-streaming OpenAI request; vLLM's response object.
         ``background`` work (batch lines) does not count as interactive traffic."""
         self.interactive += not background
+        source = SOURCE.set("batch" if background else "api")
         try:
-            admission = await self.admit(path, body)
+            admission = await self.admit(path, body, background)
             try:
                 result = await self._call_vllm(path, body, raw)
             except ApiError:
@@ -167,6 +212,7 @@ class RequestPipeline:
             self.finish(admission, ok=True)
             return result
         finally:
+            SOURCE.reset(source)
             self.interactive -= not background
 
     async def stream(
@@ -208,18 +254,30 @@ class RequestPipeline:
 
     # ----- the engine side -----------------------------------------------------------------
     def guard_engine(self, client: EngineClient) -> None:
-        """Wrap ``client.generate`` once: refuse over-long prompts, count adapter tokens."""
+        """Wrap ``client.generate`` once: refuse over-long prompts, count tokens."""
         client.generate = guarded_generate(
-            client.generate, self.settings.max_prompt_tokens, metrics.record_tokens
+            client.generate, self.settings.max_prompt_tokens, self.engine_done
         )
+
+    def engine_done(self, lora_name: str | None, prompt: int, completion: int) -> None:
+        """The engine finished a request (in the request's context): count its tokens for its
+        adapter, its tenant's usage and token-per-minute budget."""
+        if lora_name is not None:
+            metrics.record_tokens(lora_name, prompt, completion)
+        if self.tenancy is not None:
+            principal = current()
+            model = lora_name or self.settings.served_model_name
+            self.tenancy.usage.record(principal.name, model, prompt, completion, SOURCE.get())
+            self.tenancy.limiter.add_tokens(principal, prompt + completion)
 
 
 def guarded_generate(
     generate: Callable[..., AsyncIterator[Any]],
     max_prompt_tokens: int | None,
-    on_done: Callable[[str, int, int], None],
+    on_done: Callable[[str | None, int, int], None],
 ) -> Callable[..., AsyncIterator[Any]]:
-    """``EngineClient.generate`` with the prompt-length limit and per-adapter token counts.
+    """``EngineClient.generate`` with the prompt-length limit and token counts (per adapter,
+    ``None`` for the base model).
 
     Every route reaches the engine through ``generate``, so this covers them all; the limit's
     error is vLLM's own validation error, which its serving layer answers with a 400.
@@ -236,10 +294,6 @@ def guarded_generate(
                 value=len(ids),
             )
         lora = kwargs.get("lora_request")
-        if lora is None:
-            async for output in generate(*args, **kwargs):
-                yield output
-            return
         params = kwargs.get("sampling_params", args[1] if len(args) > 1 else None)
         delta = getattr(params, "output_kind", None) == vllm_compat.RequestOutputKind.DELTA
         prompt_tokens = generated = 0
@@ -251,7 +305,7 @@ def guarded_generate(
                 generated = generated + produced if delta else produced
                 yield output
         finally:
-            on_done(lora.lora_name, prompt_tokens, generated)
+            on_done(lora.lora_name if lora is not None else None, prompt_tokens, generated)
 
     return guarded
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-Access = Literal["open", "health", "metrics", "user", "admin"]
+# user: any key; admin: a global admin key or a tenant's admin key (scoped to its adapters and
+# usage); operator: global admin keys only (tenants and their keys).
+Access = Literal["open", "health", "metrics", "user", "admin", "operator"]
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,12 @@ ROUTES: tuple[Route, ...] = (
     Route("/admin/adapters/{name}/versions/{version}/unload", ("POST",), "admin", "evict now"),
     Route("/v1/load_lora_adapter", ("POST",), "admin", "vLLM-compatible register + load"),
     Route("/v1/unload_lora_adapter", ("POST",), "admin", "vLLM-compatible delete"),
+    # tenants, keys, usage
+    Route("/admin/tenants", ("GET", "POST"), "operator", "list, create tenants"),
+    Route("/admin/tenants/{name}", ("GET", "PATCH", "DELETE"), "operator", "show, change, delete"),
+    Route("/admin/tenants/{name}/keys", ("POST",), "operator", "new key (shown once)"),
+    Route("/admin/tenants/{name}/keys/{key_id}", ("DELETE",), "operator", "revoke a key"),
+    Route("/admin/usage", ("GET",), "admin", "requests and tokens per tenant and model"),
     # health, metrics, docs
     Route("/livez", ("GET",), "health", "BentoML liveness"),
     Route("/readyz", ("GET",), "health", "BentoML readiness (engine healthy)"),
@@ -115,6 +123,8 @@ def access_of(path: str) -> Access:
     route = BY_PATH.get(path)
     if route is not None:
         return route.access
+    if path.startswith("/admin/tenants"):
+        return "operator"
     if path.startswith(ADMIN_PREFIXES) or path == "/admin":
         return "admin"
     return "user"

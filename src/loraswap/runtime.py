@@ -39,6 +39,8 @@ class Runtime:
         return self.settings.served_model_name
 
     async def close(self) -> None:
+        if self.pipeline.tenancy is not None:
+            await self.pipeline.tenancy.usage.close()
         if self.batches is not None:
             await self.batches.close()
         if self.registry is not None:
@@ -57,7 +59,7 @@ async def build_runtime(app: Any, settings: Settings, engine: Engine) -> Runtime
 
     quiet_vllm_client_errors()
     client = engine.client
-    pipeline = RequestPipeline(settings)
+    pipeline = RequestPipeline(settings, tenancy=app.state.tenancy)
     pipeline.guard_engine(client)
     handlers = await attach_engine(app, client, engine.args)
     pipeline.handlers = handlers
@@ -78,6 +80,7 @@ async def build_runtime(app: Any, settings: Settings, engine: Engine) -> Runtime
         BatchStore(settings.state_dir),
         settings.batch_concurrency,
         settings.batch_idle_concurrency,
+        principal_of=app.state.tenancy.principal_of,
     )
     await runtime.batches.resume()
     return runtime

@@ -2,8 +2,9 @@
 how an OpenAI ``model`` value resolves to one version.
 
 The persisted document (JSON at ``registry_uri``, local or any fsspec URL) is the truth shared by
-replicas. Changes go through :meth:`Catalog.commit`, which re-reads the document first so a change
-made by another replica is never overwritten with a stale copy.
+replicas. Changes go through :meth:`Catalog.commit`: a compare-and-swap on the document's
+``revision``, retried on the newer document, so a change made by another replica at the same
+moment is never overwritten.
 """
 
 from __future__ import annotations
@@ -11,12 +12,11 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field
 
-from ..atomic import write_atomic
+from ..documents import DocumentStore
 from ..errors import ApiError
 from .keys import AdapterKey, split_model
 
@@ -71,44 +71,17 @@ class CatalogState(BaseModel):
         return {r.alias_key for r in self.adapters.values() if r.pinned}
 
 
-class CatalogStore:
-    """Reads and atomically writes the catalog document (temp file + rename when local)."""
+class CatalogStore(DocumentStore[CatalogState]):
+    """The adapter registry's document (versions, aliases, pins, lora ids)."""
 
     def __init__(self, uri: str, storage_options: dict[str, Any] | None = None) -> None:
-        self.uri = uri
-        self.local = "://" not in uri or uri.startswith("file://")
-        self.storage_options = storage_options or {}
-
-    def _fs(self) -> tuple[Any, str]:
-        import fsspec
-
-        fs, _, paths = fsspec.get_fs_token_paths(self.uri, storage_options=self.storage_options)
-        return fs, paths[0]
-
-    def load(self) -> CatalogState:
-        try:
-            if self.local:
-                text = Path(self.uri.removeprefix("file://")).read_text()
-            else:
-                fs, path = self._fs()
-                text = fs.cat_file(path).decode()
-        except FileNotFoundError:
-            return CatalogState()
-        return CatalogState.model_validate_json(text)
-
-    def save(self, state: CatalogState) -> None:
-        data = state.model_dump_json(indent=2)
-        if not self.local:
-            fs, path = self._fs()
-            fs.pipe_file(path, data.encode())  # one object PUT: readers see old or new
-            return
-        path = Path(self.uri.removeprefix("file://"))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, data.encode())
+        super().__init__(uri, CatalogState, storage_options)
 
 
 class Catalog:
     """The current catalog state of this replica, its lookups and its persisted changes."""
+
+    attempts = 8  # compare-and-swap tries per commit before giving up with 409
 
     def __init__(
         self, store: CatalogStore, base_name: str, draw: Callable[[], float] = random.random
@@ -170,13 +143,22 @@ class Catalog:
         on_newer: Callable[[CatalogState], Awaitable[None]],
     ) -> Any:
         """Re-read the shared document (``on_newer`` adopts a newer one), apply ``mutate`` to a
-        copy, persist it with the next revision and make it current. Callers hold their lock."""
-        latest = await self.fetch()
-        if latest.revision != self.state.revision:
-            await on_newer(latest)
-        state = self.state.model_copy(deep=True)
-        result = await mutate(state)
-        state.revision += 1
-        await asyncio.to_thread(self.store.save, state)
-        self.state = state
-        return result
+        copy and save it with the next revision only if no one wrote in between; otherwise
+        start over on the newer document, so ``mutate`` must be safe to run again. After
+        ``attempts`` conflicts in a row: ApiError 409. Callers hold their lock."""
+        for attempt in range(self.attempts):
+            latest = await self.fetch()
+            if latest.revision != self.state.revision:
+                await on_newer(latest)
+            state = latest.model_copy(deep=True)
+            result = await mutate(state)
+            state.revision = latest.revision + 1
+            if await asyncio.to_thread(self.store.save_if, state, latest.revision):
+                self.state = state
+                return result
+            await asyncio.sleep(random.uniform(0, 0.01 * 2**attempt))  # de-synchronise rivals
+        raise ApiError(
+            409,
+            f"the adapter registry kept changing on other replicas ({self.attempts} attempts); "
+            "retry the request",
+        )

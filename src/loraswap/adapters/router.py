@@ -6,17 +6,51 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from .. import vllm_compat
+from ..errors import ApiError
 from ..runtime import registry_of, runtime_of
+from ..tenants import current
 from .keys import AdapterKey, split_model
 from .protocol import AliasRequest, LoadAdapterRequest, RegisterAdapterRequest, UnloadAdapterRequest
 
 router = APIRouter()
 
 
+def owned(name: str) -> str:
+    """``name`` if the caller may manage it; a tenant admin gets the same 404 for another
+    tenant's adapter as for one that does not exist."""
+    if not current().may_use_adapter(name):
+        raise ApiError(404, f"adapter {name!r} is not registered", param="model")
+    return name
+
+
+def may_register(name: str) -> str:
+    principal = current()
+    if not principal.may_use_adapter(name):
+        patterns = ", ".join(principal.tenant.adapters) or "none"
+        raise ApiError(
+            403, f"tenant {principal.name!r} may register only adapters named: {patterns}",
+            param="name",
+        )  # fmt: skip
+    return name
+
+
+def check_pin_quota(registry, name: str) -> None:
+    tenant = current().tenant
+    if tenant is None:
+        return
+    pinned = [
+        r for r in registry.catalog.state.adapters.values() if r.pinned and tenant.owns(r.name)
+    ]
+    if name not in {r.name for r in pinned} and len(pinned) >= tenant.limits.max_pins:
+        raise ApiError(409, f"tenant {tenant.name!r} may pin {tenant.limits.max_pins} adapters")
+
+
 @router.get("/v1/models", tags=["OpenAI"])
 async def list_models(request: Request) -> JSONResponse:
-    """The base model, every adapter alias and every adapter version (``parent`` = base)."""
+    """The base model, every adapter alias and every adapter version (``parent`` = base);
+    for a tenant's key, only what that key may use."""
     runtime = runtime_of(request)
+    principal = current()
     serving_models = runtime.handlers.models
     listing = await serving_models.show_available_models()
     cards = {card.id: card for card in listing.data}
@@ -28,34 +62,42 @@ async def list_models(request: Request) -> JSONResponse:
                 parent=runtime.base_name,
                 permission=[vllm_compat.ModelPermission()],
             )
-    listing.data = list(cards.values())
+    listing.data = [
+        card for card in cards.values()
+        if (principal.may_use_base() if card.id == runtime.base_name
+            else principal.may_use_adapter(split_model(card.id)[0]))
+    ]  # fmt: skip
     return JSONResponse(listing.model_dump())
 
 
 @router.post("/v1/load_lora_adapter", tags=["Adapters (vLLM-compatible)"])
 async def load_lora_adapter(body: LoadAdapterRequest, request: Request) -> PlainTextResponse:
     name, version = split_model(body.lora_name)
-    await registry_of(request).register(name, body.lora_path, version, load=True)
+    await registry_of(request).register(may_register(name), body.lora_path, version, load=True)
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
 
 @router.post("/v1/unload_lora_adapter", tags=["Adapters (vLLM-compatible)"])
 async def unload_lora_adapter(body: UnloadAdapterRequest, request: Request) -> PlainTextResponse:
     name, version = split_model(body.lora_name)
-    await registry_of(request).delete(name, version)
+    await registry_of(request).delete(owned(name), version)
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
 
 @router.get("/admin/adapters", tags=["Adapters"])
 async def list_adapters(request: Request) -> dict:
-    return {"object": "list", "data": registry_of(request).listing()}
+    principal = current()
+    listing = registry_of(request).listing()
+    return {"object": "list", "data": [a for a in listing if principal.may_use_adapter(a["name"])]}
 
 
 @router.post("/admin/adapters", status_code=201, tags=["Adapters"])
 async def register_adapter(body: RegisterAdapterRequest, request: Request) -> dict:
     registry = registry_of(request)
+    if body.pin:
+        check_pin_quota(registry, may_register(body.name))
     result = await registry.register(
-        body.name, body.source, body.version, promote=body.promote, load=body.load
+        may_register(body.name), body.source, body.version, promote=body.promote, load=body.load
     )
     if body.pin:
         result.update(await registry.set_pinned(body.name, True))
@@ -64,47 +106,49 @@ async def register_adapter(body: RegisterAdapterRequest, request: Request) -> di
 
 @router.get("/admin/adapters/{name}", tags=["Adapters"])
 async def show_adapter(name: str, request: Request) -> dict:
-    return registry_of(request).describe(name)
+    return registry_of(request).describe(owned(name))
 
 
 @router.delete("/admin/adapters/{name}", tags=["Adapters"])
 async def delete_adapter(name: str, request: Request) -> dict:
-    await registry_of(request).delete(name)
+    await registry_of(request).delete(owned(name))
     return {"deleted": name}
 
 
 @router.delete("/admin/adapters/{name}/versions/{version}", tags=["Adapters"])
 async def delete_version(name: str, version: str, request: Request) -> dict:
-    await registry_of(request).delete(name, version)
+    await registry_of(request).delete(owned(name), version)
     return {"deleted": str(AdapterKey(name, version))}
 
 
 @router.put("/admin/adapters/{name}/alias", tags=["Adapters"])
 async def set_alias(name: str, body: AliasRequest, request: Request) -> dict:
     return await registry_of(request).set_alias(
-        name, body.version, body.canary_version, body.canary_weight
+        owned(name), body.version, body.canary_version, body.canary_weight
     )
 
 
 @router.post("/admin/adapters/{name}/pin", tags=["Adapters"])
 async def pin(name: str, request: Request) -> dict:
-    return await registry_of(request).set_pinned(name, True)
+    registry = registry_of(request)
+    check_pin_quota(registry, owned(name))
+    return await registry.set_pinned(name, True)
 
 
 @router.post("/admin/adapters/{name}/unpin", tags=["Adapters"])
 async def unpin(name: str, request: Request) -> dict:
-    return await registry_of(request).set_pinned(name, False)
+    return await registry_of(request).set_pinned(owned(name), False)
 
 
 @router.post("/admin/adapters/{name}/versions/{version}/load", tags=["Adapters"])
 async def load_version(name: str, version: str, request: Request) -> dict:
     registry = registry_of(request)
-    await registry.load(AdapterKey(name, version))
+    await registry.load(AdapterKey(owned(name), version))
     return registry.describe(name)
 
 
 @router.post("/admin/adapters/{name}/versions/{version}/unload", tags=["Adapters"])
 async def unload_version(name: str, version: str, request: Request) -> dict:
     registry = registry_of(request)
-    await registry.unload(AdapterKey(name, version))
+    await registry.unload(AdapterKey(owned(name), version))
     return registry.describe(name)

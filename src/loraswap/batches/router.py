@@ -17,6 +17,7 @@ from fastapi.responses import Response
 from ..errors import ApiError
 from ..pipeline import validation_message
 from ..runtime import runtime_of
+from ..tenants import current
 from .protocol import (
     MAX_FILE_BYTES,
     Batch,
@@ -26,7 +27,7 @@ from .protocol import (
     FileList,
     FileObject,
 )
-from .runner import BatchRunner
+from .runner import BatchRunner, scope_of
 
 router = APIRouter(tags=["Batch API (OpenAI)"])
 
@@ -49,28 +50,28 @@ async def upload_file(
     data = await file.read(MAX_FILE_BYTES + 1)
     if len(data) > MAX_FILE_BYTES:
         raise ApiError(400, f"files are limited to {MAX_FILE_BYTES} bytes", param="file")
-    return await runner.add_file(file.filename or "upload.jsonl", purpose, data)
+    return await runner.add_file(file.filename or "upload.jsonl", purpose, data, current().name)
 
 
 @router.get("/v1/files", response_model=FileList, response_model_exclude_unset=True)
 async def list_files(request: Request) -> FileList:
-    return FileList.of(await runner_of(request).files())
+    return FileList.of(await runner_of(request).files(scope_of(current())))
 
 
 @router.get("/v1/files/{file_id}", response_model=FileObject, response_model_exclude_unset=True)
 async def retrieve_file(file_id: str, request: Request) -> FileObject:
-    return await runner_of(request).file(file_id)
+    return await runner_of(request).file(file_id, scope_of(current()))
 
 
 @router.get("/v1/files/{file_id}/content")
 async def file_content(file_id: str, request: Request) -> Response:
-    data = await runner_of(request).content(file_id)
+    data = await runner_of(request).content(file_id, scope_of(current()))
     return Response(data, media_type="application/octet-stream")
 
 
 @router.delete("/v1/files/{file_id}", response_model=FileDeleted, response_model_exclude_unset=True)
 async def delete_file(file_id: str, request: Request) -> FileDeleted:
-    return await runner_of(request).delete_file(file_id)
+    return await runner_of(request).delete_file(file_id, scope_of(current()))
 
 
 @router.post("/v1/batches", response_model=Batch, response_model_exclude_unset=True)
@@ -87,21 +88,21 @@ async def create_batch(request: Request) -> Batch:
     except pydantic.ValidationError as exc:
         param = ".".join(str(p) for p in exc.errors()[0]["loc"]) or None
         raise ApiError(400, validation_message(exc), param=param) from None
-    return await runner_of(request).create(create)
+    return await runner_of(request).create(create, current())
 
 
 @router.get("/v1/batches", response_model=BatchList, response_model_exclude_unset=True)
 async def list_batches(request: Request) -> BatchList:
-    return BatchList.of(await runner_of(request).batches())
+    return BatchList.of(await runner_of(request).batches(scope_of(current())))
 
 
 @router.get("/v1/batches/{batch_id}", response_model=Batch, response_model_exclude_unset=True)
 async def retrieve_batch(batch_id: str, request: Request) -> Batch:
-    return await runner_of(request).batch(batch_id)
+    return await runner_of(request).batch(batch_id, scope_of(current()))
 
 
 @router.post(
     "/v1/batches/{batch_id}/cancel", response_model=Batch, response_model_exclude_unset=True
 )
 async def cancel_batch(batch_id: str, request: Request) -> Batch:
-    return await runner_of(request).cancel(batch_id)
+    return await runner_of(request).cancel(batch_id, scope_of(current()))

@@ -13,11 +13,14 @@ import asyncio
 import collections
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..errors import ApiError, EngineUnavailable
 from ..routes import BATCH_ENDPOINTS
+from ..tenants import CURRENT, Principal
+from ..tenants.principal import ANONYMOUS
 from .protocol import (
     ACTIVE,
     CANCELLABLE,
@@ -68,53 +71,72 @@ def move(batch: Batch, status: str) -> None:
     setattr(batch, f"{status}_at", now())
 
 
+def scope_of(viewer: Principal) -> str | None:
+    """Whose files and jobs ``viewer`` sees: a tenant only its own, unrestricted keys all."""
+    return None if viewer.tenant is None else viewer.name
+
+
 class BatchRunner:
-    """The Files and Batch APIs' operations; jobs run as tasks on the caller's event loop."""
+    """The Files and Batch APIs' operations; jobs run as tasks on the caller's event loop.
+
+    Files and jobs belong to the principal that created them; a job's lines run as its owner
+    (its adapters, its usage, its batch token budget)."""
 
     def __init__(
-        self, pipeline: LinePipeline, store: BatchStore, concurrency: int, idle_concurrency: int = 0
+        self,
+        pipeline: LinePipeline,
+        store: BatchStore,
+        concurrency: int,
+        idle_concurrency: int = 0,
+        principal_of: Callable[[str | None], Principal] = lambda _: ANONYMOUS,
     ) -> None:
         self.pipeline = pipeline
         self.store = store
+        self.principal_of = principal_of
         self.concurrency = max(1, concurrency)  # lines in flight whatever else runs
         self.idle_concurrency = max(self.concurrency, idle_concurrency)  # while clients are idle
         self.jobs: dict[str, Job] = {}
 
     # ----- files ---------------------------------------------------------------------------
-    async def add_file(self, filename: str, purpose: str, data: bytes) -> FileObject:
-        return await asyncio.to_thread(self.store.add_file, filename, purpose, data)
+    async def add_file(self, filename: str, purpose: str, data: bytes, owner: str) -> FileObject:
+        return await asyncio.to_thread(self.store.add_file, filename, purpose, data, owner)
 
-    async def files(self) -> list[FileObject]:
-        return await asyncio.to_thread(self.store.files)
+    async def files(self, scope: str | None) -> list[FileObject]:
+        return await asyncio.to_thread(self.store.files, scope)
 
-    async def file(self, file_id: str, param: str = "file_id") -> FileObject:
+    async def _visible(self, object_id: str, scope: str | None) -> bool:
+        return scope is None or await asyncio.to_thread(self.store.owner, object_id) == scope
+
+    async def file(self, file_id: str, scope: str | None, param: str = "file_id") -> FileObject:
         found = await asyncio.to_thread(self.store.file, file_id)
-        if found is None:
+        if found is None or not await self._visible(file_id, scope):
             raise ApiError(404, f"no file {file_id!r}", param=param)
         return found
 
-    async def content(self, file_id: str) -> bytes:
+    async def content(self, file_id: str, scope: str | None) -> bytes:
+        await self.file(file_id, scope)
         data = await asyncio.to_thread(self.store.content, file_id)
         if data is None:
             raise ApiError(404, f"no file {file_id!r}", param="file_id")
         return data
 
-    async def delete_file(self, file_id: str) -> FileDeleted:
+    async def delete_file(self, file_id: str, scope: str | None) -> FileDeleted:
+        await self.file(file_id, scope)
         if not await asyncio.to_thread(self.store.delete_file, file_id):
             raise ApiError(404, f"no file {file_id!r}", param="file_id")
         return FileDeleted(id=file_id, object="file", deleted=True)
 
     # ----- batches -------------------------------------------------------------------------
-    async def batches(self) -> list[Batch]:
-        return await asyncio.to_thread(self.store.batches)
+    async def batches(self, scope: str | None = None) -> list[Batch]:
+        return await asyncio.to_thread(self.store.batches, scope)
 
-    async def batch(self, batch_id: str) -> Batch:
+    async def batch(self, batch_id: str, scope: str | None = None) -> Batch:
         found = await asyncio.to_thread(self.store.batch, batch_id)
-        if found is None:
+        if found is None or not await self._visible(batch_id, scope):
             raise ApiError(404, f"no batch {batch_id!r}", param="batch_id")
         return found
 
-    async def create(self, request: BatchCreateRequest) -> Batch:
+    async def create(self, request: BatchCreateRequest, owner: Principal) -> Batch:
         """Check and store a new job, then start it in the background."""
         if request.endpoint not in BATCH_ENDPOINTS:
             raise ApiError(
@@ -124,16 +146,17 @@ class BatchRunner:
             raise ApiError(
                 400, f"completion_window must be {COMPLETION_WINDOW}", param="completion_window"
             )
-        input_file = await self.file(request.input_file_id, param="input_file_id")
+        input_file = await self.file(request.input_file_id, scope_of(owner), param="input_file_id")
         if input_file.purpose != "batch":
             raise ApiError(400, "the input file's purpose must be batch", param="input_file_id")
         batch = new_batch(request.endpoint, input_file.id, now(), request.metadata)
-        await asyncio.to_thread(self.store.add_batch, batch)
+        await asyncio.to_thread(self.store.add_batch, batch, owner.name)
         self._start(batch.id)
         return batch
 
-    async def cancel(self, batch_id: str) -> Batch:
+    async def cancel(self, batch_id: str, scope: str | None = None) -> Batch:
         """Stop starting lines; lines in flight finish and are kept in the output."""
+        await self.batch(batch_id, scope)
 
         def cancelling(batch: Batch) -> None:
             if batch.status in CANCELLABLE:
@@ -187,6 +210,8 @@ class BatchRunner:
         return parse_input(data, batch.endpoint)
 
     async def _execute(self, batch_id: str, job: Job) -> None:
+        owner = await asyncio.to_thread(self.store.owner, batch_id)
+        CURRENT.set(self.principal_of(owner))  # this task's lines run as the job's owner
         batch = await self.batch(batch_id)
         lines, errors = await asyncio.to_thread(self._read_input, batch)
         if errors:

@@ -30,7 +30,9 @@ CREATE TABLE IF NOT EXISTS batches (
 CREATE TABLE IF NOT EXISTS results (
     batch_id TEXT, line INTEGER, ok INTEGER, output TEXT, PRIMARY KEY (batch_id, line)
 );
+CREATE TABLE IF NOT EXISTS owners (id TEXT PRIMARY KEY, owner TEXT NOT NULL);
 """
+# A file or batch without an owners row predates tenants: only unrestricted keys see it.
 
 
 def _dump(batch: Batch) -> str:
@@ -76,14 +78,23 @@ class BatchStore:
                 self._db = None
 
     # ----- files ---------------------------------------------------------------------------
-    def add_file(self, filename: str, purpose: str, data: bytes) -> FileObject:
+    def add_file(
+        self, filename: str, purpose: str, data: bytes, owner: str | None = None
+    ) -> FileObject:
         file_id = new_id("file")
         self._open()  # makes files_dir
         write_atomic(self.files_dir / file_id, data)  # outside the lock: files can be large
         row = (file_id, filename, purpose, len(data), int(time.time()))
         with self._conn() as db:
             db.execute("INSERT INTO files VALUES (?, ?, ?, ?, ?)", row)
+            if owner is not None:
+                db.execute("INSERT INTO owners VALUES (?, ?)", (file_id, owner))
         return self._file_object(row)
+
+    def owner(self, object_id: str) -> str | None:
+        with self._conn() as db:
+            row = db.execute("SELECT owner FROM owners WHERE id = ?", (object_id,)).fetchone()
+        return None if row is None else row[0]
 
     @staticmethod
     def _file_object(row: tuple) -> FileObject:
@@ -96,9 +107,14 @@ class BatchStore:
             row = db.execute("SELECT * FROM files WHERE id = ?", (file_id,)).fetchone()
         return None if row is None else self._file_object(row)
 
-    def files(self) -> list[FileObject]:
+    def files(self, owner: str | None = None) -> list[FileObject]:
+        """Every file, or only ``owner``'s."""
         with self._conn() as db:
-            rows = db.execute("SELECT * FROM files ORDER BY created_at DESC").fetchall()
+            rows = db.execute(
+                "SELECT files.* FROM files LEFT JOIN owners ON owners.id = files.id "
+                "WHERE ? IS NULL OR owners.owner = ? ORDER BY created_at DESC",
+                (owner, owner),
+            ).fetchall()
         return [self._file_object(r) for r in rows]
 
     def content(self, file_id: str) -> bytes | None:
@@ -118,17 +134,24 @@ class BatchStore:
         row = db.execute("SELECT body FROM batches WHERE id = ?", (batch_id,)).fetchone()
         return None if row is None else _load(row[0])
 
-    def add_batch(self, batch: Batch) -> None:
+    def add_batch(self, batch: Batch, owner: str | None = None) -> None:
         with self._conn() as db:
             db.execute("INSERT INTO batches VALUES (?, ?)", (batch.id, _dump(batch)))
+            if owner is not None:
+                db.execute("INSERT INTO owners VALUES (?, ?)", (batch.id, owner))
 
     def batch(self, batch_id: str) -> Batch | None:
         with self._conn() as db:
             return self._get(db, batch_id)
 
-    def batches(self) -> list[Batch]:
+    def batches(self, owner: str | None = None) -> list[Batch]:
+        """Every batch, or only ``owner``'s, newest first."""
         with self._conn() as db:
-            rows = db.execute("SELECT body FROM batches").fetchall()
+            rows = db.execute(
+                "SELECT body FROM batches LEFT JOIN owners ON owners.id = batches.id "
+                "WHERE ? IS NULL OR owners.owner = ?",
+                (owner, owner),
+            ).fetchall()
         return sorted((_load(r[0]) for r in rows), key=lambda b: -b.created_at)
 
     def update(self, batch_id: str, change: Callable[[Batch], None]) -> Batch | None:
@@ -179,10 +202,10 @@ class BatchStore:
                 "SELECT ok, output FROM results WHERE batch_id = ? ORDER BY line", (batch_id,)
             ).fetchall()
         made: list[FileObject | None] = []
+        owner = self.owner(batch_id)  # the job's files belong to whoever owns the job
         for wanted, kind in ((1, "output"), (0, "error")):
             lines = [output for ok, output in rows if ok == wanted]
             data = ("\n".join(lines) + "\n").encode()
-            made.append(
-                self.add_file(f"{batch_id}_{kind}.jsonl", "batch_output", data) if lines else None
-            )
+            name = f"{batch_id}_{kind}.jsonl"
+            made.append(self.add_file(name, "batch_output", data, owner) if lines else None)
         return made[0], made[1]

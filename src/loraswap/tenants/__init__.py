@@ -1,0 +1,38 @@
+"""Tenants: API keys that see and use only their own adapters, batches and files, within their
+own limits, with their usage counted."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import Settings
+from .directory import TenantDirectory, TenantStore
+from .limits import TenantLimiter
+from .model import ApiKey, Limits, Tenant
+from .principal import ANONYMOUS, CURRENT, RESERVED, Principal, current
+from .usage import UsageLedger
+
+__all__ = ["CURRENT", "ApiKey", "Limits", "Principal", "Tenancy", "Tenant", "current"]
+
+
+class Tenancy:
+    """The directory, limiter and usage ledger of one server (they outlive engine restarts)."""
+
+    def __init__(self, settings: Settings) -> None:
+        uri = settings.tenants_uri or str(Path(settings.state_dir) / "tenants.json")
+        self.directory = TenantDirectory(
+            settings, TenantStore(uri, settings.fsspec_storage_options)
+        )
+        self.directory.load()
+        self.limiter = TenantLimiter()
+        self.usage = UsageLedger(settings.state_dir)
+
+    def principal_of(self, owner: str | None) -> Principal:
+        """Who a stored job runs as: its tenant as it is now (a deleted tenant's lines can use
+        nothing), or the unrestricted principal that created it."""
+        if owner is None:
+            return ANONYMOUS
+        if owner in RESERVED:
+            return Principal(owner, None, admin=False)
+        tenant = self.directory.state.tenants.get(owner)
+        return Principal(owner, tenant or Tenant(name=owner, base_model=False), admin=False)
