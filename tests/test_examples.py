@@ -1,8 +1,8 @@
 """Every README code block and every file in examples/ runs as written against the real server.
 
 A README block that cannot run here (it starts servers, needs a GPU, builds images) says so with
-``<!-- example: not run (why) -->`` on the line before it; every other bash, python and js block
-runs, with ``localhost:3000`` pointed at the test server and curl failing on HTTP errors.
+``<!-- example: not run (why) -->`` on the line before it (or ``run by <test file>`` when a test
+with the server it needs runs it); every other bash, python and js block runs, with ``localhost:3000`` pointed at the test server and curl failing on HTTP errors.
 """
 
 from __future__ import annotations
@@ -19,14 +19,17 @@ import pytest
 from tests.server import ROOT
 
 BLOCK = re.compile(
-    r"(?:<!-- example: not run \((?P<why>[^)]+)\) -->\n)?"
+    r"(?:<!-- example: (?:not run \((?P<why>[^)]+)\)|run by (?P<by>\S+)[^>]*) -->\n)?"
     r"```(?P<lang>bash|python|js)\n(?P<code>.*?)```",
     re.S,
 )
 README = (ROOT / "README.md").read_text()
 README_BLOCKS = [
     pytest.param(
-        m["lang"], m["code"], m["why"], id=f"line-{README[: m.start()].count(chr(10)) + 2}"
+        m["lang"],
+        m["code"],
+        m["why"] or (m["by"] and f"{m['by']} runs it"),
+        id=f"line-{README[: m.start()].count(chr(10)) + 2}",
     )
     for m in BLOCK.finditer(README)
 ]

@@ -41,10 +41,16 @@ def test_tenant_names_and_adapter_patterns():
 
 def test_keys_are_hashed_rotated_and_revoked(tmp_path: Path):
     async def main() -> None:
-        tenants = directory(tmp_path)
-        assert tenants.authenticate(None) is ANONYMOUS  # no keys anywhere: the open demo
+        open_server = directory(tmp_path / "open")
+        assert open_server.authenticate(None) is ANONYMOUS  # no keys anywhere: the open demo
+        with pytest.raises(ApiError) as locked_out:  # a first tenant would lock it for good
+            await open_server.create(Tenant(name="acme"))
+        assert (
+            locked_out.value.status == 400 and "LORASWAP_ADMIN_API_KEYS" in locked_out.value.message
+        )
+        tenants = directory(tmp_path, admin_api_keys=["root"])
         await tenants.create(Tenant(name="acme", adapters=["acme-*"]))
-        assert tenants.authenticate(None) is None  # a tenant exists: keys are required now
+        assert tenants.authenticate(None) is None
         first, plain = await tenants.add_key("acme", "admin", "ci")
         who = tenants.authenticate(plain)
         assert who is not None and who.name == "acme" and who.admin and who.key_id == first.id
@@ -76,7 +82,7 @@ def test_two_replicas_writing_tenants_lose_nothing(tmp_path: Path):
     """Two directories on one document (two replicas) adding tenants at once: all land."""
 
     async def main() -> None:
-        a, b = directory(tmp_path), directory(tmp_path)
+        a, b = (directory(tmp_path, admin_api_keys=["root"]) for _ in range(2))
         await asyncio.gather(
             *(a.create(Tenant(name=f"a{i}")) for i in range(6)),
             *(b.create(Tenant(name=f"b{i}")) for i in range(6)),

@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from .admin_client import add_connection_args, call
+from .admin_client import add_parsers as add_tenant_parsers
 from .config import Settings
 from .quantize import SCHEMES
 
@@ -88,8 +90,6 @@ def default_url() -> str:
 
 def cmd_adapters(ns: argparse.Namespace) -> int:
     """``loraswap adapters ...``: a thin client of the server's /admin/adapters API."""
-    import httpx
-
     name = getattr(ns, "name", None)
     calls = {
         "list": ("GET", "/admin/adapters", None),
@@ -125,18 +125,8 @@ def cmd_adapters(ns: argparse.Namespace) -> int:
         ),
     }
     method, path, body = calls[ns.action]
-    try:
-        resp = httpx.request(method, ns.url.rstrip("/") + path, json=body, timeout=600)
-    except httpx.HTTPError as exc:
-        print(f"error: cannot reach {ns.url}: {exc}", file=sys.stderr)
-        return 1
-    try:
-        payload = resp.json()
-    except ValueError:
-        payload = resp.text
-    if resp.status_code >= 400:
-        message = payload["error"]["message"] if isinstance(payload, dict) else payload
-        print(f"error ({resp.status_code}): {message}", file=sys.stderr)
+    payload = call(ns, method, path, body)
+    if payload is None:
         return 1
     if ns.action == "list" and not ns.json:
         print(f"{'ADAPTER':24} {'VERSION':10} {'STATUS':10} {'RANK':>4} {'REQUESTS':>8}  SOURCE")
@@ -228,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     imp.set_defaults(func=cmd_import_model)
 
     ada = sub.add_parser("adapters", help="manage a running server's adapters")
-    ada.add_argument("--url", default=default_url(), help="server URL (default: %(default)s)")
+    add_connection_args(ada, default_url())
     acts = ada.add_subparsers(dest="action", required=True)
     lst = acts.add_parser("list", help="adapters, versions (* = alias target), status")
     lst.add_argument("--json", action="store_true")
@@ -251,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     ali.add_argument("--canary", help="second version taking --weight of the traffic")
     ali.add_argument("--weight", type=float, default=0.0)
     ada.set_defaults(func=cmd_adapters)
+    add_tenant_parsers(sub, default_url())
 
     bld = sub.add_parser("build-info", help="Bento version or labels for `bentoml build`")
     bld.add_argument("what", choices=["version", "labels"])

@@ -127,6 +127,12 @@ class TenantDirectory:
             raise ApiError(409, "the tenants document kept changing; retry the request")
 
     async def create(self, tenant: Tenant) -> Tenant:
+        if not self.admin_keys:  # else the first tenant would lock an open server for good
+            raise ApiError(
+                400, "tenants need a global admin key: set LORASWAP_ADMIN_API_KEYS and restart",
+                param="name",
+            )  # fmt: skip
+
         def mutate(state: TenantsState) -> Tenant:
             if tenant.name in state.tenants:
                 raise ApiError(409, f"tenant {tenant.name!r} already exists", param="name")
