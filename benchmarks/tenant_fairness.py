@@ -36,14 +36,19 @@ def chat(tokens: int, text: str) -> dict:
             "stream": True, "messages": [{"role": "user", "content": text}]}  # fmt: skip
 
 
-async def first_token(http: httpx.AsyncClient, url: str, key: str, body: dict) -> tuple[float, int]:
-    """Seconds to the first content chunk (429 waits included) and how many 429s it took."""
+async def first_token(
+    http: httpx.AsyncClient, url: str, key: str, body: dict, refusals: list | None = None
+) -> tuple[float, int]:
+    """Seconds to the first content chunk (429 waits included) and how many 429s it took;
+    each 429 is also appended to ``refusals`` as it happens."""
     started, refused = time.monotonic(), 0
     while True:
         async with http.stream("POST", f"{url}/v1/chat/completions", json=body,
                                headers={"Authorization": f"Bearer {key}"}) as resp:  # fmt: skip
             if resp.status_code == 429:
                 refused += 1
+                if refusals is not None:
+                    refusals.append(time.monotonic())
                 await asyncio.sleep(float(resp.headers.get("retry-after", "1")))
                 continue
             resp.raise_for_status()
@@ -67,14 +72,13 @@ async def quiet_tenant(url: str, key: str, requests: int, tokens: int) -> dict:
 
 
 async def flood(url: str, key: str, streams: int, tokens: int, stop: asyncio.Event) -> dict:
-    done = refused = 0
+    done, refusals = 0, []
 
     async def worker(http: httpx.AsyncClient) -> None:
-        nonlocal done, refused
+        nonlocal done
         while not stop.is_set():
-            _, no = await first_token(http, url, key, chat(tokens, "Write a long story."))
+            await first_token(http, url, key, chat(tokens, "Write a long story."), refusals)
             done += 1
-            refused += no
 
     async with httpx.AsyncClient(timeout=600) as http:
         tasks = [asyncio.create_task(worker(http)) for _ in range(streams)]
@@ -82,7 +86,7 @@ async def flood(url: str, key: str, streams: int, tokens: int, stop: asyncio.Eve
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-    return {"streams": streams, "completed": done, "refused_429": refused}
+    return {"streams": streams, "completed": done, "refused_429": len(refusals)}
 
 
 async def beside_flood(url: str, keys: dict, args: argparse.Namespace) -> dict:
