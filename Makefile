@@ -40,7 +40,7 @@ model: $(STAMP)
 serve: model
 	BENTOML_PORT=$(PORT) $(VENV)/bin/bentoml serve service:LoRASwap --port $(PORT)
 
-test: model
+test: model $(FUZZ_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # schemathesis in its own venv (its pins are not the server's); tests/test_zz_fuzz.py drives it.
@@ -49,7 +49,8 @@ $(FUZZ_STAMP): | $(UV)
 	$(UV) pip install -q --python .venv-fuzz/bin/python "schemathesis==4.32.5"
 	touch $@
 
-# Fuzz every operation of the served OpenAPI document for FUZZ_TIME seconds (any 5xx fails).
+# Fuzz every operation of the served OpenAPI document for FUZZ_TIME seconds (any 5xx fails);
+# `make test` runs a short deterministic profile of the same test.
 fuzz: model $(FUZZ_STAMP)
 	FUZZ_TIME=$(FUZZ_TIME) $(PY) -m pytest -q -s tests/test_zz_fuzz.py
 
