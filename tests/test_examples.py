@@ -2,7 +2,8 @@
 
 A README block that cannot run here (it starts servers, needs a GPU, builds images) says so with
 ``<!-- example: not run (why) -->`` on the line before it (or ``run by <test file>`` when a test
-with the server it needs runs it); every other bash, python and js block runs, with ``localhost:3000`` pointed at the test server and curl failing on HTTP errors.
+with the server it needs runs it); every other bash, python and js block runs, with
+``localhost:3000`` pointed at the test server and curl failing on HTTP errors.
 """
 
 from __future__ import annotations

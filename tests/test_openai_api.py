@@ -22,6 +22,15 @@ def test_models_lists_the_base_model(client: OpenAI):
     assert BASE_MODEL in [m.id for m in models]
 
 
+def test_models_retrieve(client: OpenAI):
+    """The SDK's ``models.retrieve``: the same entry as in the list, 404 for unknown ids."""
+    assert client.models.retrieve(BASE_MODEL).id == BASE_MODEL
+    adapter = client.models.retrieve("uppercase@v1")
+    assert adapter.id == "uppercase@v1" and adapter.model_extra["parent"] == BASE_MODEL
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
+
+
 def test_chat_answers_with_the_real_model(client: OpenAI):
     resp = chat(client)
     assert "Paris" in resp.choices[0].message.content

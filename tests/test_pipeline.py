@@ -198,3 +198,18 @@ def test_responses_message_without_content_is_400():
     with pytest.raises(ApiError) as err:
         asyncio.run(pipe.admit("/v1/responses", body))
     assert err.value.status == 400 and err.value.param == "input"
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        {"type": "message", "role": "user", "content": []},
+        {"type": "message", "role": "user", "content": [{"type": "input_file", "file_id": "x"}]},
+        {"type": "function_call_output", "call_id": "c", "output": [{"type": "input_file"}]},
+    ],
+)
+def test_responses_inputs_vllm_would_answer_with_a_500_are_400(item):
+    """Found by fuzzing: vLLM 0.32 fails these with a 500 (an IndexError, an assert)."""
+    with pytest.raises(ApiError) as refused:
+        RequestPipeline.check_input(INFERENCE_ROUTES["/v1/responses"], {"input": [item]})
+    assert refused.value.status == 400 and refused.value.param == "input"

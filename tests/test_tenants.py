@@ -72,6 +72,9 @@ def test_models_list_only_what_the_key_may_use(tenanted, world):
     assert acme == {BASE_MODEL, "acme-up", "acme-up@v1"}
     assert beta == {"beta-json", "beta-json@v1"}
     assert {"acme-up", "beta-json", "json", "uppercase", BASE_MODEL} <= root
+    assert sdk(tenanted, world["acme-user"]).models.retrieve("acme-up").id == "acme-up"
+    with pytest.raises(openai.NotFoundError):
+        sdk(tenanted, world["acme-user"]).models.retrieve("beta-json")
 
 
 def test_someone_elses_adapter_is_the_unknown_model_404_on_every_route(tenanted, world):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import xml.etree.ElementTree as ET
 
 import httpx
 import pytest
@@ -39,17 +40,30 @@ def test_no_operation_answers_5xx(fuzzed: Server, tmp_path):
     if budget:
         bounds = ["--max-time", budget]
     else:
-        bounds = ["--max-examples", os.environ.get("FUZZ_EXAMPLES", "5"),
-                  "--phases", "examples,fuzzing"]  # fmt: skip
+        bounds = ["--max-examples", os.environ.get("FUZZ_EXAMPLES", "25"),
+                  "--phases", "examples,coverage,fuzzing"]  # fmt: skip
+    report = tmp_path / "junit.xml"
     run = subprocess.run(
         [str(SCHEMATHESIS), "run", f"{fuzzed.url}/docs.json", *bounds,
          "--checks", "not_a_server_error", "--workers", "1",
          "--request-timeout", "120", "--generation-deterministic",
+         "--report", "junit", "--report-junit-path", str(report),
          # adapter deletion would remove the shipped adapters the run's other cases use
          "--exclude-method", "DELETE"],
         capture_output=True, text=True, timeout=int(budget or 1800) + 600, cwd=tmp_path,
     )  # fmt: skip
     summary = run.stdout[-4000:]
     print(summary)
-    assert run.returncode == 0, summary
+    cases = list(ET.parse(report).getroot().iter("testcase"))
+    failed = [c.get("name") for c in cases if c.find("failure") is not None]
+    errors = {
+        c.get("name"): c.find("error").text or "" for c in cases if c.find("error") is not None
+    }
+    # "Schema Error": schemathesis cannot generate positive cases for some rich schemas (vLLM's
+    # chat and Responses requests, ours with all-optional fields); not a server fault, and
+    # their negative cases still run. Any other error, and any 5xx, fails.
+    unexpected = {name: text for name, text in errors.items() if "Schema Error" not in text}
+    print("operations schemathesis could not generate positive cases for:", sorted(errors))
+    assert not failed and not unexpected, summary
+    assert len(cases) >= 40, f"only {len(cases)} operations were fuzzed"
     assert httpx.get(f"{fuzzed.url}/readyz", timeout=30).status_code == 200

@@ -91,12 +91,18 @@ class RequestPipeline:
         """Inputs vLLM 0.32 answers with a 500 instead of a 400 (found by fuzzing)."""
         if route.path == "/v1/responses" and isinstance(body.get("input"), list):
             for i, item in enumerate(body["input"]):
-                if (
-                    isinstance(item, dict)
-                    and item.get("type") == "message"
-                    and (not item.get("content"))
-                ):
+                if not isinstance(item, dict):
+                    continue
+                if item.get("type") == "message" and not item.get("content"):
                     raise ApiError(400, f"input[{i}] is a message without content", param="input")
+                for key in ("content", "output"):  # typed file parts hit an assert in vLLM
+                    parts = item.get(key)
+                    for j, part in enumerate(parts if isinstance(parts, list) else []):
+                        if isinstance(part, dict) and part.get("type") == "input_file":
+                            raise ApiError(
+                                400, f"input[{i}].{key}[{j}]: input_file parts are not supported",
+                                param="input",
+                            )  # fmt: skip
 
     def check_limits(self, route: Route, body: dict[str, Any]) -> None:
         """The hard output limit, and the default bound when the client asks for none."""

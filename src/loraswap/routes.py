@@ -67,6 +67,7 @@ ROUTES: tuple[Route, ...] = (
     _inference("/ws/generate", "WebSocket: many streams, cancel by id", NATIVE_FIELDS, vllm=False),
     # models, batches, files, server facts
     Route("/v1/models", ("GET",), "user", "base model, adapter aliases and versions"),
+    Route("/v1/models/{model_id}", ("GET",), "user", "one of them (404 like an unknown model)"),
     Route("/v1/files", ("GET", "POST"), "user", "Batch API input and output files"),
     Route("/v1/files/{file_id}", ("GET", "DELETE"), "user", "one file"),
     Route("/v1/files/{file_id}/content", ("GET",), "user", "a file's bytes"),

@@ -49,6 +49,19 @@ def check_pin_quota(registry, name: str) -> None:
 async def list_models(request: Request) -> JSONResponse:
     """The base model, every adapter alias and every adapter version (``parent`` = base);
     for a tenant's key, only what that key may use."""
+    return JSONResponse((await model_listing(request)).model_dump())
+
+
+@router.get("/v1/models/{model_id:path}", tags=["OpenAI"])
+async def retrieve_model(model_id: str, request: Request) -> JSONResponse:
+    """One entry of ``/v1/models`` (the SDK's ``models.retrieve``); 404 like an unknown model."""
+    for card in (await model_listing(request)).data:
+        if card.id == model_id:
+            return JSONResponse(card.model_dump())
+    raise ApiError(404, f"The model `{model_id}` does not exist.", param="model")
+
+
+async def model_listing(request: Request):
     runtime = runtime_of(request)
     principal = current()
     serving_models = runtime.handlers.models
@@ -67,7 +80,7 @@ async def list_models(request: Request) -> JSONResponse:
         if (principal.may_use_base() if card.id == runtime.base_name
             else principal.may_use_adapter(split_model(card.id)[0]))
     ]  # fmt: skip
-    return JSONResponse(listing.model_dump())
+    return listing
 
 
 @router.post("/v1/load_lora_adapter", tags=["Adapters (vLLM-compatible)"])
