@@ -16,7 +16,7 @@ FUZZ_TIME ?= 420
 # uv does not read pip's config: pass on pip's find-links (where a local torch build may live).
 export UV_FIND_LINKS ?= $(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
 
-.PHONY: install model serve test fuzz lint lock docs build bento-version bench bench-report clean
+.PHONY: install model serve test fuzz lint lock docs build bento-version bench bench-many bench-report clean
 
 install: $(STAMP)
 
@@ -75,6 +75,10 @@ bench: model
 	CMAKE_ARGS="-DGGML_NATIVE=ON" $(UV) pip install --python $(PY) -r requirements/bench.txt
 	$(PY) benchmarks/bench.py $(BENCH_ARGS)
 	$(PY) benchmarks/report.py
+
+# Many adapters: one hot adapter vs Zipf traffic over 100 and 1,000 (loraswap and plain vLLM).
+bench-many: model
+	$(PY) benchmarks/many_adapters.py $(BENCH_ARGS)
 
 bench-report: $(STAMP)
 	$(PY) benchmarks/report.py $(BENCH_RESULT)

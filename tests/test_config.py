@@ -104,3 +104,25 @@ def test_repeated_errors_are_rate_limited_in_the_log():
     repeats.seen[("loraswap.x", "engine failed")] = (-1e9, 49)
     later = record("engine failed")
     assert repeats.filter(later) and "49 more" in later.getMessage()
+
+
+def test_repeated_tracebacks_are_logged_once_per_window():
+    import logging
+    import sys
+
+    from loraswap.config import RepeatedTracebacks
+
+    def failure(message: str) -> logging.LogRecord:
+        try:
+            raise AssertionError(message)
+        except AssertionError:
+            info = sys.exc_info()
+        message = "Exception in ASGI application"
+        return logging.LogRecord("uvicorn.error", logging.ERROR, __file__, 1, message, None, info)
+
+    quiet = RepeatedTracebacks(window_s=60)
+    assert quiet.filter(failure("a"))  # the first one keeps its traceback
+    assert not any(quiet.filter(failure("a")) for _ in range(50))
+    assert quiet.filter(failure("b"))  # a different failure is news
+    plain = logging.LogRecord("uvicorn.error", logging.ERROR, __file__, 1, "x", None, None)
+    assert quiet.filter(plain)

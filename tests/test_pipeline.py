@@ -206,6 +206,7 @@ def test_responses_message_without_content_is_400():
         {"type": "message", "role": "user", "content": []},
         {"type": "message", "role": "user", "content": [{"type": "input_file", "file_id": "x"}]},
         {"type": "function_call_output", "call_id": "c", "output": [{"type": "input_file"}]},
+        {"type": "function_call_output", "call_id": "c", "output": [{"type": "input_image"}]},
     ],
 )
 def test_responses_inputs_vllm_would_answer_with_a_500_are_400(item):
@@ -213,3 +214,12 @@ def test_responses_inputs_vllm_would_answer_with_a_500_are_400(item):
     with pytest.raises(ApiError) as refused:
         RequestPipeline.check_input(INFERENCE_ROUTES["/v1/responses"], {"input": [item]})
     assert refused.value.status == 400 and refused.value.param == "input"
+
+
+def test_text_tool_outputs_and_plain_messages_pass_the_responses_check():
+    RequestPipeline.check_input(INFERENCE_ROUTES["/v1/responses"], {"input": [
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]},
+        {"type": "function_call_output", "call_id": "c", "output": "18 C"},
+        {"type": "function_call_output", "call_id": "c",
+         "output": [{"type": "input_text", "text": "18 C"}]},
+    ]})  # fmt: skip

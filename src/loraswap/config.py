@@ -325,11 +325,45 @@ class ClientErrorsInOneLine(logging.Filter):
         return not ("ErrorInfo(" in message and "code=4" in message)
 
 
+class RepeatedTracebacks(logging.Filter):
+    """For the ASGI server's "Exception in ASGI application": the first traceback of each
+    distinct failure is kept (it is a bug to fix), the same failure again within ``window_s`` is
+    dropped and counted, so a client retrying a failing request cannot flood the log."""
+
+    def __init__(self, window_s: float = 60.0) -> None:
+        super().__init__()
+        self.window_s = window_s
+        self.seen: dict[tuple[str, str], tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is None:
+            return True
+        import time
+
+        key = (type(exc).__name__, str(exc)[:200])
+        now = time.monotonic()
+        first, held = self.seen.get(key, (0.0, 0))
+        if now - first < self.window_s:
+            self.seen[key] = (first, held + 1)
+            return False
+        if len(self.seen) > 1000:
+            self.seen.clear()
+        self.seen[key] = (now, 0)
+        if held:
+            record.msg = f"{record.msg} ({held} more like this in the last {self.window_s:.0f} s)"
+        return True
+
+
 def quiet_vllm_client_errors() -> None:
-    """Install :class:`ClientErrorsInOneLine` on vLLM's handlers (once vLLM configured them)."""
+    """Install :class:`ClientErrorsInOneLine` on vLLM's handlers (once vLLM configured them)
+    and :class:`RepeatedTracebacks` on the ASGI server's error log."""
     for handler in logging.getLogger("vllm").handlers:
         if not any(isinstance(f, ClientErrorsInOneLine) for f in handler.filters):
             handler.addFilter(ClientErrorsInOneLine())
+    server_errors = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, RepeatedTracebacks) for f in server_errors.filters):
+        server_errors.addFilter(RepeatedTracebacks())
 
 
 class _WhenRootIsSilent(logging.Filter):

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from vllm.engine.protocol import EngineClient
 
 MAX_BODY_BYTES = 64 << 20
+TEXT_PARTS = frozenset({"input_text", "output_text"})
 # "batch" while a Batch API line runs: its tokens count against the owner's daily batch budget.
 SOURCE: ContextVar[str] = ContextVar("loraswap_source", default="api")
 
@@ -95,14 +96,22 @@ class RequestPipeline:
                     continue
                 if item.get("type") == "message" and not item.get("content"):
                     raise ApiError(400, f"input[{i}] is a message without content", param="input")
-                for key in ("content", "output"):  # typed file parts hit an assert in vLLM
-                    parts = item.get(key)
-                    for j, part in enumerate(parts if isinstance(parts, list) else []):
-                        if isinstance(part, dict) and part.get("type") == "input_file":
-                            raise ApiError(
-                                400, f"input[{i}].{key}[{j}]: input_file parts are not supported",
-                                param="input",
-                            )  # fmt: skip
+                # vLLM parses a function_call_output's parts into typed objects and its chat
+                # parser then asserts on any that is not text (a 500); file parts fail the same way.
+                output = item.get("output") if item.get("type") == "function_call_output" else None
+                for j, part in enumerate(output if isinstance(output, list) else []):
+                    if isinstance(part, dict) and part.get("type") not in TEXT_PARTS:
+                        raise ApiError(
+                            400, f"input[{i}].output[{j}]: a function_call_output carries text "
+                            f"parts only ({', '.join(sorted(TEXT_PARTS))})", param="input",
+                        )  # fmt: skip
+                content = item.get("content")
+                for j, part in enumerate(content if isinstance(content, list) else []):
+                    if isinstance(part, dict) and part.get("type") == "input_file":
+                        raise ApiError(
+                            400, f"input[{i}].content[{j}]: input_file parts are not supported",
+                            param="input",
+                        )  # fmt: skip
 
     def check_limits(self, route: Route, body: dict[str, Any]) -> None:
         """The hard output limit, and the default bound when the client asks for none."""
