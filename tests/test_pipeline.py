@@ -217,6 +217,12 @@ def test_responses_inputs_vllm_would_answer_with_a_500_are_400(item):
 
 
 def test_text_tool_outputs_and_plain_messages_pass_the_responses_check():
+    echoed = {"type": "message", "role": "assistant", "id": "", "status": "completed",
+              "content": [{"type": "refusal", "refusal": ""}]}  # fmt: skip
+    body = {"input": [echoed]}
+    RequestPipeline.check_input(INFERENCE_ROUTES["/v1/responses"], body)
+    assert "id" not in body["input"][0] and "status" not in body["input"][0]
+    assert body["input"][0]["content"] == [{"type": "output_text", "text": ""}]
     RequestPipeline.check_input(INFERENCE_ROUTES["/v1/responses"], {"input": [
         {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]},
         {"type": "function_call_output", "call_id": "c", "output": "18 C"},

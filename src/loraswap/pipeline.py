@@ -89,24 +89,36 @@ class RequestPipeline:
     # ----- admission -----------------------------------------------------------------------
     @staticmethod
     def check_input(route: Route, body: dict[str, Any]) -> None:
-        """Inputs vLLM 0.32 answers with a 500 instead of a 400 (found by fuzzing)."""
+        """Inputs vLLM 0.32 answers with a 500 instead of a 400 (found by fuzzing): refused,
+        or rewritten into the form vLLM handles."""
         if route.path == "/v1/responses" and isinstance(body.get("input"), list):
             for i, item in enumerate(body["input"]):
                 if not isinstance(item, dict):
                     continue
                 if item.get("type") == "message" and not item.get("content"):
                     raise ApiError(400, f"input[{i}] is a message without content", param="input")
-                # vLLM parses a function_call_output's parts into typed objects and its chat
-                # parser then asserts on any that is not text (a 500); file parts fail the same way.
+                # Items echoed back in their output form (with id/status) are parsed by vLLM 0.32
+                # into typed objects its chat parser then fails on (500s: an assert, a missing
+                # attribute). Those fields mean nothing for generation: drop them, so vLLM reads
+                # the item as the input form it handles.
+                if item.get("type") in ("message", "function_call_output"):
+                    item.pop("id", None)
+                    item.pop("status", None)
+                # A function_call_output's list output: text parts only (others hit the same
+                # assert). A string output always works.
                 output = item.get("output") if item.get("type") == "function_call_output" else None
-                for j, part in enumerate(output if isinstance(output, list) else []):
-                    if isinstance(part, dict) and part.get("type") not in TEXT_PARTS:
-                        raise ApiError(
-                            400, f"input[{i}].output[{j}]: a function_call_output carries text "
-                            f"parts only ({', '.join(sorted(TEXT_PARTS))})", param="input",
-                        )  # fmt: skip
+                if isinstance(output, list) and any(
+                    not isinstance(p, dict) or p.get("type") not in TEXT_PARTS for p in output
+                ):
+                    raise ApiError(
+                        400, f"input[{i}].output: a function_call_output's output is a string "
+                        "or a list of input_text parts", param="input",
+                    )  # fmt: skip
                 content = item.get("content")
                 for j, part in enumerate(content if isinstance(content, list) else []):
+                    if isinstance(part, dict) and part.get("type") == "refusal":
+                        # vLLM reads an echoed refusal as text it lacks (a 500): it is text
+                        content[j] = {"type": "output_text", "text": str(part.get("refusal", ""))}
                     if isinstance(part, dict) and part.get("type") == "input_file":
                         raise ApiError(
                             400, f"input[{i}].content[{j}]: input_file parts are not supported",
