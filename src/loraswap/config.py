@@ -291,12 +291,18 @@ class RepeatFilter(logging.Filter):
         self.window_s = window_s
         self.seen: dict[tuple[str, str], tuple[float, int]] = {}
 
-    def filter(self, record: logging.LogRecord) -> bool:
+    def key_of(self, record: logging.LogRecord) -> tuple[str, str] | None:
+        """What makes two records "the same"; None lets the record through uncounted."""
         if not record.name.startswith("loraswap") or record.levelno < logging.WARNING:
+            return None
+        return record.name, record.getMessage()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = self.key_of(record)
+        if key is None:
             return True
         import time
 
-        key = (record.name, record.getMessage())
         now = time.monotonic()
         first, held = self.seen.get(key, (0.0, 0))
         if now - first < self.window_s:
@@ -325,34 +331,17 @@ class ClientErrorsInOneLine(logging.Filter):
         return not ("ErrorInfo(" in message and "code=4" in message)
 
 
-class RepeatedTracebacks(logging.Filter):
+class RepeatedTracebacks(RepeatFilter):
     """For the ASGI server's "Exception in ASGI application": the first traceback of each
     distinct failure is kept (it is a bug to fix), the same failure again within ``window_s`` is
     dropped and counted, so a client retrying a failing request cannot flood the log."""
 
     def __init__(self, window_s: float = 60.0) -> None:
-        super().__init__()
-        self.window_s = window_s
-        self.seen: dict[tuple[str, str], tuple[float, int]] = {}
+        super().__init__(window_s)
 
-    def filter(self, record: logging.LogRecord) -> bool:
+    def key_of(self, record: logging.LogRecord) -> tuple[str, str] | None:
         exc = record.exc_info[1] if record.exc_info else None
-        if exc is None:
-            return True
-        import time
-
-        key = (type(exc).__name__, str(exc)[:200])
-        now = time.monotonic()
-        first, held = self.seen.get(key, (0.0, 0))
-        if now - first < self.window_s:
-            self.seen[key] = (first, held + 1)
-            return False
-        if len(self.seen) > 1000:
-            self.seen.clear()
-        self.seen[key] = (now, 0)
-        if held:
-            record.msg = f"{record.msg} ({held} more like this in the last {self.window_s:.0f} s)"
-        return True
+        return None if exc is None else (type(exc).__name__, str(exc)[:200])
 
 
 def quiet_vllm_client_errors() -> None:
