@@ -13,19 +13,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import json
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import httpx
-from servers import BIN, ROOT, ServerProcess
-
-from loraswap.machine import read_cpu
-
-RESULTS = ROOT / "benchmarks" / "results"
+from servers import measure_on_loraswap
 
 
 def chat(i: int, tokens: int) -> dict:
@@ -104,26 +96,7 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=64)
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="loraswap-batch-bench-"))
-    server = ServerProcess(
-        "loraswap", [str(BIN / "bentoml"), "serve", "service:LoRASwap", "--port", "{port}"],
-        "/readyz", work / "serve.log",
-        env={"LORASWAP_STATE_DIR": str(work / "state"),
-             "LORASWAP_REGISTRY_URI": str(work / "registry.json")},
-    ).start()  # fmt: skip
-    try:
-        figures = asyncio.run(measure(server.url, args))
-        info = httpx.get(f"{server.url}/info", timeout=30).json()
-    finally:
-        server.stop()
-    started = dt.datetime.now(dt.timezone.utc)
-    result = {"started": started.isoformat(timespec="seconds"), "cpu": read_cpu().fingerprint(),
-              "engine": info["engine"], "args": vars(args), **figures}  # fmt: skip
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"batch-{started:%Y%m%dT%H%M%SZ}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(figures, indent=2))
-    print(f"results: {out}", file=sys.stderr)
+    measure_on_loraswap("batch", measure, args)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -110,3 +111,40 @@ class ServerProcess:
         with contextlib.suppress(OSError):
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         return ""
+
+
+def measure_on_loraswap(
+    name: str, measure: Any, args: Any, env: dict[str, str] | None = None, key: str | None = None
+) -> None:
+    """Start loraswap (default settings plus ``env``) in a fresh state directory, run
+    ``measure(url, args)`` (a coroutine), and write its figures with the CPU kind and the engine
+    choices to benchmarks/results/<name>-<time>.json."""
+    import asyncio
+    import datetime as dt
+    import json
+    import tempfile
+
+    from loraswap.machine import read_cpu
+
+    work = Path(tempfile.mkdtemp(prefix=f"loraswap-{name}-"))
+    server = ServerProcess(
+        "loraswap", [str(BIN / "bentoml"), "serve", "service:LoRASwap", "--port", "{port}"],
+        "/readyz", work / "serve.log",
+        env={"LORASWAP_STATE_DIR": str(work / "state"),
+             "LORASWAP_REGISTRY_URI": str(work / "registry.json"), **(env or {})},
+    ).start()  # fmt: skip
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    try:
+        figures = asyncio.run(measure(server.url, args))
+        info = httpx.get(f"{server.url}/info", timeout=30, headers=headers).json()
+    finally:
+        server.stop()
+    started = dt.datetime.now(dt.timezone.utc)
+    result = {"started": started.isoformat(timespec="seconds"), "cpu": read_cpu().fingerprint(),
+              "engine": info["engine"], "args": vars(args), **figures}  # fmt: skip
+    results = ROOT / "benchmarks" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    out = results / f"{name}-{started:%Y%m%dT%H%M%SZ}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(figures, indent=2))
+    print(f"results: {out}", file=sys.stderr)

@@ -14,20 +14,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
-import json
 import statistics
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import httpx
-from servers import BIN, ROOT, ServerProcess
+from servers import measure_on_loraswap
 
-from loraswap.machine import read_cpu
-
-RESULTS = ROOT / "benchmarks" / "results"
 ROOT_KEY = "bench-root-key"
 
 
@@ -132,27 +124,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=16, help="tenant B's requests")
     parser.add_argument("--tokens", type=int, default=32)
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="loraswap-fairness-"))
-    server = ServerProcess(
-        "loraswap", [str(BIN / "bentoml"), "serve", "service:LoRASwap", "--port", "{port}"],
-        "/readyz", work / "serve.log",
-        env={"LORASWAP_STATE_DIR": str(work / "state"), "LORASWAP_ADMIN_API_KEYS": ROOT_KEY,
-             "LORASWAP_REGISTRY_URI": str(work / "registry.json")},
-    ).start()  # fmt: skip
-    try:
-        figures = asyncio.run(measure(server.url, args))
-        info = httpx.get(f"{server.url}/info", timeout=30,
-                         headers={"Authorization": f"Bearer {ROOT_KEY}"}).json()  # fmt: skip
-    finally:
-        server.stop()
-    started = dt.datetime.now(dt.timezone.utc)
-    result = {"started": started.isoformat(timespec="seconds"), "cpu": read_cpu().fingerprint(),
-              "engine": info["engine"], "args": vars(args), **figures}  # fmt: skip
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"fairness-{started:%Y%m%dT%H%M%SZ}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(figures, indent=2))
-    print(f"results: {out}", file=sys.stderr)
+    admin = {"LORASWAP_ADMIN_API_KEYS": ROOT_KEY}
+    measure_on_loraswap("fairness", measure, args, env=admin, key=ROOT_KEY)
 
 
 if __name__ == "__main__":
