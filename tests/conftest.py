@@ -19,7 +19,7 @@ BASE_MODEL = "smollm2-135m-instruct"
 SHIPPED = ROOT / "adapters"
 # Fixtures that start a real server (or build Bentos): their tests carry the `engine` marker, so
 # `pytest -m "not engine"` runs the fast tests alone, starting no server.
-ENGINE_FIXTURES = {"server", "client", "locked", "fp32_server", "built"}
+ENGINE_FIXTURES = {"server", "client", "locked", "fp32_server", "built", "tenanted", "fuzzed"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
