@@ -76,7 +76,7 @@ class FakePipeline:
 class LimitOnlyPipeline(RequestPipeline):
     """The real pipeline's admission (limits) with vLLM replaced by an echo."""
 
-    async def _call_vllm(self, path: str, body: dict[str, Any], raw: Any) -> Any:
+    async def call_vllm(self, path: str, body: dict[str, Any], raw: Any) -> Any:
         return FakeResponse(model=body["model"], text=body["prompt"])
 
 

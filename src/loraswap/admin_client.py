@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from typing import Any
 
 
@@ -98,6 +99,48 @@ def cmd_usage(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_comparisons(ns: argparse.Namespace) -> int:
+    query = f"?adapter={ns.adapter}" if ns.adapter else ""
+    payload = call(ns, "GET", "/admin/comparisons" + query)
+    if payload is None:
+        return 1
+    if ns.json:
+        print(json.dumps(payload, indent=2))
+        return 0
+    if not payload["data"]:
+        print("no comparisons yet: set a shadow (loraswap adapters shadow NAME VERSION)")
+    for pair in payload["data"]:
+        print(
+            f"{pair['adapter']}: {pair['primary_version']} vs shadow {pair['shadow_version']}: "
+            f"{pair['count']} requests, {pair['identical']} identical "
+            f"({pair['identical_share']:.0%}), {pair['shadow_errors']} shadow errors"
+        )
+        print(
+            f"  tokens (mean) {pair['mean_primary_tokens']} vs {pair['mean_shadow_tokens']}; "
+            f"latency p50 {pair['primary_latency_p50_s']} s vs {pair['shadow_latency_p50_s']} s"
+        )
+        for sample in pair["samples"][: ns.samples]:
+            print(f"  #{sample['id']} prompt: {sample['prompt'][:200]!r}")
+            print(f"    {pair['primary_version']}: {sample['primary_text'][:200]!r}")
+            print(f"    {pair['shadow_version']}: {(sample['shadow_text'] or '')[:200]!r}")
+    return 0  # fmt: skip
+
+
+def cmd_audit(ns: argparse.Namespace) -> int:
+    query = f"?limit={ns.limit}" + (f"&adapter={ns.adapter}" if ns.adapter else "")
+    payload = call(ns, "GET", "/admin/audit" + query)
+    if payload is None:
+        return 1
+    if ns.json:
+        print(json.dumps(payload, indent=2))
+        return 0
+    for e in payload["data"]:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["at"]))
+        who = e["actor"] + (f" ({e['key_id']})" if e["key_id"] else "")
+        print(f"{when}  {who:20} {e['action']:9} {e['adapter']:24} {json.dumps(e['detail'])}")
+    return 0
+
+
 def add_parsers(sub: Any, default_url: str) -> None:
     ten = sub.add_parser("tenants", help="tenants, their adapters, limits and keys")
     add_connection_args(ten, default_url)
@@ -131,3 +174,17 @@ def add_parsers(sub: Any, default_url: str) -> None:
     use.add_argument("--since", help="first day, YYYY-MM-DD")
     use.add_argument("--json", action="store_true")
     use.set_defaults(func=cmd_usage)
+
+    cmp_ = sub.add_parser("comparisons", help="shadow versions' answers next to their alias's")
+    add_connection_args(cmp_, default_url)
+    cmp_.add_argument("--adapter")
+    cmp_.add_argument("--samples", type=int, default=3, help="differing pairs shown per pair")
+    cmp_.add_argument("--json", action="store_true")
+    cmp_.set_defaults(func=cmd_comparisons)
+
+    aud = sub.add_parser("audit", help="adapter registry changes: who, when, what")
+    add_connection_args(aud, default_url)
+    aud.add_argument("--adapter")
+    aud.add_argument("--limit", type=int, default=50)
+    aud.add_argument("--json", action="store_true")
+    aud.set_defaults(func=cmd_audit)

@@ -121,9 +121,22 @@ def cmd_adapters(ns: argparse.Namespace) -> int:
                 "version": getattr(ns, "version", None),
                 "canary_version": getattr(ns, "canary", None),
                 "canary_weight": getattr(ns, "weight", 0.0),
+                "shadow_version": getattr(ns, "shadow", None),
+                "shadow_rate": getattr(ns, "rate", 0.0),
             },
         ),
-    }
+        "promote": ("POST", f"/admin/adapters/{name}/promote",
+                    {"from": getattr(ns, "source", None)}),
+        "rollback": ("POST", f"/admin/adapters/{name}/rollback", None),
+    }  # fmt: skip
+    if ns.action == "shadow":  # the alias as it is, with this shadow
+        current = call(ns, "GET", f"/admin/adapters/{name}")
+        if current is None:
+            return 1
+        alias = current["alias"] | {"shadow_version": ns.version, "shadow_rate": ns.rate}
+        if ns.off:
+            alias |= {"shadow_version": None, "shadow_rate": 0.0}
+        calls["shadow"] = ("PUT", f"/admin/adapters/{name}/alias", alias)
     method, path, body = calls[ns.action]
     payload = call(ns, method, path, body)
     if payload is None:
@@ -240,6 +253,17 @@ def build_parser() -> argparse.ArgumentParser:
     ali.add_argument("version")
     ali.add_argument("--canary", help="second version taking --weight of the traffic")
     ali.add_argument("--weight", type=float, default=0.0)
+    ali.add_argument("--shadow", help="version that also answers --rate of the requests (stored)")
+    ali.add_argument("--rate", type=float, default=0.0)
+    sha = acts.add_parser("shadow", help="keep the alias, shadow a share of it with VERSION")
+    sha.add_argument("name")
+    sha.add_argument("version", nargs="?")
+    sha.add_argument("--rate", type=float, default=1.0, help="share of requests (default 1)")
+    sha.add_argument("--off", action="store_true", help="stop shadowing")
+    pro = acts.add_parser("promote", help="the shadow (or canary) version becomes the target")
+    pro.add_argument("name")
+    pro.add_argument("--from", dest="source", choices=["shadow", "canary"])
+    acts.add_parser("rollback", help="undo the last promote or retarget").add_argument("name")
     ada.set_defaults(func=cmd_adapters)
     add_tenant_parsers(sub, default_url())
 

@@ -223,6 +223,23 @@ class Settings(BaseSettings):
         ),
     )
     max_batch_size: int = Field(64, ge=1, description="Most requests in one `/generate_batch`.")
+    shadow_concurrency: int = Field(
+        1,
+        ge=1,
+        description=(
+            "Shadow requests run at once (each after its primary answered): the extra load a "
+            "shadow version puts on the engine."
+        ),
+    )
+    shadow_queue_size: int = Field(
+        64, ge=1, description="Shadow requests waiting to run; beyond it samples are dropped."
+    )
+    shadow_retention_days: float = Field(
+        7.0, gt=0, description="Stored shadow comparisons older than this are deleted."
+    )
+    shadow_max_records: int = Field(
+        10_000, ge=100, description="Most shadow comparisons kept (oldest deleted first)."
+    )
     mlflow_tracking_uri: str = Field(
         "sqlite:///.loraswap/mlflow.db",
         description="MLflow registry where `make build` records each Bento (`loraswap tracking`).",

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict, deque
+from statistics import fmean, median
+from typing import TYPE_CHECKING, Any
+
 from prometheus_client import Counter, Gauge, Histogram
+
+if TYPE_CHECKING:
+    from .pipeline import EngineRun
 
 LABELS = ("adapter", "version")
 
@@ -22,6 +29,9 @@ RESIDENT = Gauge(
     "loraswap_adapter_resident", "1 while the adapter is loaded in the engine.", LABELS
 )
 EVICTIONS = Counter("loraswap_adapter_evictions", "LRU evictions from the engine.", LABELS)
+SHADOW_RUNS = Counter(
+    "loraswap_shadow_runs", "Shadow requests by outcome (done, failed, dropped).", ["outcome"]
+)
 
 
 def split_key(key: str) -> tuple[str, str]:
@@ -32,3 +42,59 @@ def split_key(key: str) -> tuple[str, str]:
 def record_tokens(key: str, prompt_tokens: int, generated: int) -> None:
     PROMPT_TOKENS.labels(*split_key(key)).inc(prompt_tokens)
     GENERATION_TOKENS.labels(*split_key(key)).inc(generated)
+
+
+class ModelTraffic:
+    """One model's engine runs: totals and the latest timings."""
+
+    def __init__(self, window: int) -> None:
+        self.runs = 0
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+        self.unfinished = 0  # aborted or failed in the engine
+        self.latencies: deque[float] = deque(maxlen=window)
+        self.ttfts: deque[float] = deque(maxlen=window)
+
+
+class TrafficStats:
+    """Per served model (base model and each ``adapter@version``): runs, tokens, and latency
+    over the last ``window`` runs, for ``/admin/traffic`` and the console. Bounded: the least
+    recently used models beyond ``max_models`` are dropped (Prometheus keeps the totals)."""
+
+    def __init__(self, window: int = 256, max_models: int = 2048) -> None:
+        self.window = window
+        self.max_models = max_models
+        self.models: OrderedDict[str, ModelTraffic] = OrderedDict()
+
+    def record(self, model: str, run: EngineRun) -> None:
+        entry = self.models.get(model)
+        if entry is None:
+            entry = self.models[model] = ModelTraffic(self.window)
+            if len(self.models) > self.max_models:
+                self.models.popitem(last=False)
+        else:
+            self.models.move_to_end(model)
+        entry.runs += 1
+        entry.prompt_tokens += run.prompt_tokens
+        entry.generation_tokens += run.completion_tokens
+        if run.latency_s is None:
+            entry.unfinished += 1
+            return
+        entry.latencies.append(run.latency_s)
+        if run.ttft_s is not None:
+            entry.ttfts.append(run.ttft_s)
+
+    def rows(self) -> list[dict[str, Any]]:
+        def stat(f: Any, values: deque[float]) -> float | None:
+            return round(f(values), 4) if values else None
+
+        return [
+            {"model": model, "requests": t.runs, "unfinished": t.unfinished,
+             "prompt_tokens": t.prompt_tokens, "generation_tokens": t.generation_tokens,
+             "latency_p50_s": stat(median, t.latencies), "latency_mean_s": stat(fmean, t.latencies),
+             "ttft_p50_s": stat(median, t.ttfts), "window": len(t.latencies)}
+            for model, t in sorted(self.models.items())
+        ]  # fmt: skip
+
+
+TRAFFIC = TrafficStats()

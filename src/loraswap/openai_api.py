@@ -27,8 +27,10 @@ def create_app(settings: Settings) -> FastAPI:
     become 4xx in the OpenAI error shape, not 500."""
     from .adapters.router import router as adapters_router
     from .batches import router as batches_router
+    from .console.router import router as console_router
     from .info import build_router as info_router
     from .native.router import router as native_router
+    from .shadows.router import router as shadows_router
     from .tenants import Tenancy
     from .tenants.router import router as tenants_router
 
@@ -47,6 +49,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(batches_router)
     app.include_router(info_router())
     app.include_router(tenants_router)
+    app.include_router(shadows_router)
+    app.include_router(console_router)
     app.add_middleware(
         PipelineMiddleware, pipeline_of=lambda: _pipeline(app), unavailable=lambda: _reason(app)
     )

@@ -11,6 +11,7 @@ engine-side limits (prompt length) and token accounting sit in one wrapper aroun
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from .routes import INFERENCE_ROUTES, Route
 from .tenants import Principal, current
 
 if TYPE_CHECKING:
+    from .shadows.runner import ShadowJob, ShadowRunner
     from .tenants import Tenancy
 
 if TYPE_CHECKING:
@@ -46,6 +48,8 @@ class AdapterResolver(Protocol):
 
     def record_request(self, key: AdapterKey, ok: bool) -> None: ...
 
+    def shadow_of(self, model: str) -> AdapterKey | None: ...
+
 
 @dataclass
 class Admission:
@@ -55,6 +59,7 @@ class Admission:
     key: AdapterKey | None = None
     principal: Principal | None = field(default=None, repr=False)
     limited: bool = False  # counted by the tenant limiter: release it at finish
+    shadow: ShadowJob | None = field(default=None, repr=False)  # queued once this one answered
 
 
 @dataclass
@@ -84,6 +89,7 @@ class RequestPipeline:
         self.registry = registry
         self.handlers = handlers
         self.tenancy = tenancy
+        self.shadows: ShadowRunner | None = None
         self.interactive = 0  # requests in flight from clients (not batch lines)
 
     # ----- admission -----------------------------------------------------------------------
@@ -179,7 +185,10 @@ class RequestPipeline:
         self.check_access(principal, model, key)
         if background:
             self.check_batch_budget(principal)
+        shadow = None
         if key is not None:
+            if not background:
+                shadow = self.shadow_of(route.path, body, model, key, principal)
             try:
                 await self.registry.ensure_loaded(key)
             except ApiError:
@@ -189,16 +198,33 @@ class RequestPipeline:
         limited = False
         if not background and self.tenancy is not None:
             limited = self.tenancy.limiter.acquire(principal)
-        return Admission(model, key, principal, limited)
+        if shadow is not None:
+            CAPTURE.set(shadow.primary_run)  # the engine fills in the primary's answer
+        return Admission(model, key, principal, limited, shadow)
+
+    def shadow_of(
+        self, path: str, body: dict[str, Any], model: str, key: AdapterKey, principal: Principal
+    ) -> ShadowJob | None:
+        """The shadow job of a request to an alias with a shadow version (sampled)."""
+        if self.shadows is None:
+            return None
+        shadow_key = self.registry.shadow_of(model)
+        if shadow_key is None:
+            return None
+        from .shadows.runner import shadow_job
+
+        return shadow_job(path, body, key, shadow_key, principal)
 
     def finish(self, admission: Admission, ok: bool) -> None:
+        if admission.shadow is not None and ok and self.shadows is not None:
+            self.shadows.submit(admission.shadow)
         if admission.key is not None and self.registry is not None:
             self.registry.record_request(admission.key, ok)
         if admission.limited and self.tenancy is not None:
             self.tenancy.limiter.release(admission.principal)
 
     # ----- running through vLLM's serving layer --------------------------------------------
-    async def _call_vllm(self, path: str, body: dict[str, Any], raw: Any) -> Any:
+    async def call_vllm(self, path: str, body: dict[str, Any], raw: Any) -> Any:
         if self.handlers is None:
             raise ApiError.engine_starting()
         try:
@@ -232,7 +258,7 @@ class RequestPipeline:
         try:
             admission = await self.admit(path, body, background)
             try:
-                result = await self._call_vllm(path, body, raw)
+                result = await self.call_vllm(path, body, raw)
             except ApiError:
                 self.finish(admission, ok=False)
                 raise
@@ -253,7 +279,7 @@ class RequestPipeline:
         body = {**body, "stream": True, "stream_options": {"include_usage": True}}
         admission = await self.admit(path, body)
         try:
-            chunks = await self._call_vllm(path, body, raw)
+            chunks = await self.call_vllm(path, body, raw)
         except ApiError:
             self.finish(admission, ok=False)
             raise
@@ -286,25 +312,48 @@ class RequestPipeline:
             client.generate, self.settings.max_prompt_tokens, self.engine_done
         )
 
-    def engine_done(self, lora_name: str | None, prompt: int, completion: int) -> None:
-        """The engine finished a request (in the request's context): count its tokens for its
-        adapter, its tenant's usage and token-per-minute budget."""
-        if lora_name is not None:
-            metrics.record_tokens(lora_name, prompt, completion)
+    def engine_done(self, run: EngineRun) -> None:
+        """The engine finished a request (in the request's context): count its tokens and time
+        for its model, its tenant's usage and token-per-minute budget (shadow runs are the
+        operator's evaluation, not the tenant's traffic: usage only)."""
+        prompt, completion = run.prompt_tokens, run.completion_tokens
+        model = run.lora_name or self.settings.served_model_name
+        if run.lora_name is not None:
+            metrics.record_tokens(run.lora_name, prompt, completion)
+        source = SOURCE.get()
+        if source != "shadow":
+            metrics.TRAFFIC.record(model, run)
         if self.tenancy is not None:
             principal = current()
-            model = lora_name or self.settings.served_model_name
-            self.tenancy.usage.record(principal.name, model, prompt, completion, SOURCE.get())
-            self.tenancy.limiter.add_tokens(principal, prompt + completion)
+            self.tenancy.usage.record(principal.name, model, prompt, completion, source)
+            if source != "shadow":
+                self.tenancy.limiter.add_tokens(principal, prompt + completion)
+
+
+@dataclass
+class EngineRun:
+    """What the engine did for one request, filled as it runs and finishes."""
+
+    lora_name: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    ttft_s: float | None = None
+    latency_s: float | None = None  # None until the engine finished
+    text: str | None = None  # the first choice's text, kept only for captured runs
+
+
+# Set for a request whose answer is wanted (a shadowed request and its shadow): the engine
+# wrapper fills this run, text included. Unset (the usual case), no text is kept.
+CAPTURE: ContextVar[EngineRun | None] = ContextVar("loraswap_capture", default=None)
 
 
 def guarded_generate(
     generate: Callable[..., AsyncIterator[Any]],
     max_prompt_tokens: int | None,
-    on_done: Callable[[str | None, int, int], None],
+    on_done: Callable[[EngineRun], None],
 ) -> Callable[..., AsyncIterator[Any]]:
-    """``EngineClient.generate`` with the prompt-length limit and token counts (per adapter,
-    ``None`` for the base model).
+    """``EngineClient.generate`` with the prompt-length limit, token counts and timings
+    (``lora_name`` None for the base model), and the answer's text when captured.
 
     Every route reaches the engine through ``generate``, so this covers them all; the limit's
     error is vLLM's own validation error, which its serving layer answers with a 400.
@@ -322,17 +371,32 @@ def guarded_generate(
             )
         lora = kwargs.get("lora_request")
         params = kwargs.get("sampling_params", args[1] if len(args) > 1 else None)
-        delta = getattr(params, "output_kind", None) == vllm_compat.RequestOutputKind.DELTA
-        prompt_tokens = generated = 0
+        kind = getattr(params, "output_kind", None)
+        delta = kind == vllm_compat.RequestOutputKind.DELTA
+        streamed = kind != vllm_compat.RequestOutputKind.FINAL_ONLY  # else no first-token time
+        captured = CAPTURE.get()
+        run = captured if captured is not None else EngineRun()
+        run.lora_name = lora.lora_name if lora is not None else None
+        start = time.perf_counter()
+        text = ""
         try:
             async for output in generate(*args, **kwargs):
                 if output.prompt_token_ids is not None:
-                    prompt_tokens = len(output.prompt_token_ids)
+                    run.prompt_tokens = len(output.prompt_token_ids)
                 produced = sum(len(o.token_ids) for o in output.outputs)
-                generated = generated + produced if delta else produced
+                if run.ttft_s is None and produced and streamed:
+                    run.ttft_s = time.perf_counter() - start
+                run.completion_tokens = run.completion_tokens + produced if delta else produced
+                if captured is not None:
+                    first = next((o for o in output.outputs if o.index == 0), None)
+                    if first is not None:
+                        text = text + first.text if delta else first.text
                 yield output
+            run.latency_s = time.perf_counter() - start
         finally:
-            on_done(lora.lora_name if lora is not None else None, prompt_tokens, generated)
+            if captured is not None:
+                run.text = text
+            on_done(run)
 
     return guarded
 

@@ -82,9 +82,14 @@ ROUTES: tuple[Route, ...] = (
     Route("/admin/adapters/{name}/alias", ("PUT",), "admin", "alias and canary"),
     Route("/admin/adapters/{name}/pin", ("POST",), "admin", "keep loaded"),
     Route("/admin/adapters/{name}/unpin", ("POST",), "admin", "allow eviction"),
+    Route("/admin/adapters/{name}/promote", ("POST",), "admin", "shadow or canary becomes target"),
+    Route("/admin/adapters/{name}/rollback", ("POST",), "admin", "undo the last retarget"),
     Route("/admin/adapters/{name}/versions/{version}", ("DELETE",), "admin", "delete a version"),
     Route("/admin/adapters/{name}/versions/{version}/load", ("POST",), "admin", "load now"),
     Route("/admin/adapters/{name}/versions/{version}/unload", ("POST",), "admin", "evict now"),
+    Route("/admin/audit", ("GET",), "admin", "registry changes: who, when, what"),
+    Route("/admin/comparisons", ("GET",), "admin", "shadow vs primary answers, per pair"),
+    Route("/admin/traffic", ("GET",), "admin", "runs, tokens, latency per served model"),
     Route("/v1/load_lora_adapter", ("POST",), "admin", "vLLM-compatible register + load"),
     Route("/v1/unload_lora_adapter", ("POST",), "admin", "vLLM-compatible delete"),
     # tenants, keys, usage
@@ -100,6 +105,8 @@ ROUTES: tuple[Route, ...] = (
     Route("/health", ("GET",), "health", "vLLM health", vllm=True),
     Route("/ping", ("GET", "POST"), "health", "SageMaker health", vllm=True),
     Route("/metrics", ("GET",), "metrics", "Prometheus (BentoML, vLLM, loraswap series)"),
+    Route("/console", ("GET",), "open", "operator console (data needs a key where keys are set)"),
+    Route("/console/{asset}", ("GET",), "open", "the console's script and style"),
     Route("/docs", ("GET",), "open", "Swagger UI"),
     Route("/docs.json", ("GET",), "open", "OpenAPI document"),
     Route("/", ("GET",), "open", "BentoML index"),
@@ -126,6 +133,8 @@ def access_of(path: str) -> Access:
         return route.access
     if path.startswith("/admin/tenants"):
         return "operator"
+    if path.startswith("/console/"):
+        return "open"  # static assets only: the console's data comes from keyed routes
     if path.startswith(ADMIN_PREFIXES) or path == "/admin":
         return "admin"
     return "user"

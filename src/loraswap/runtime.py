@@ -43,6 +43,8 @@ class Runtime:
             await self.pipeline.tenancy.usage.close()
         if self.batches is not None:
             await self.batches.close()
+        if self.pipeline.shadows is not None:
+            await self.pipeline.shadows.close()
         if self.registry is not None:
             await self.registry.close()
 
@@ -52,6 +54,7 @@ async def build_runtime(app: Any, settings: Settings, engine: Engine) -> Runtime
     from .adapters.registry import AdapterRegistry
     from .adapters.residency import VllmAdapterEngine
     from .adapters.validation import BaseModelShapes
+    from .audit import AuditLog
     from .batches import BatchRunner, BatchStore
     from .config import quiet_vllm_client_errors
     from .engine import is_cpu_build
@@ -70,11 +73,12 @@ async def build_runtime(app: Any, settings: Settings, engine: Engine) -> Runtime
     if settings.enable_lora:
         slots = VllmAdapterEngine(client, handlers.models, settings.served_model_name)
         shapes = BaseModelShapes.from_checkpoint(engine.model_path)
-        registry = AdapterRegistry(settings, shapes, slots)
+        registry = AdapterRegistry(settings, shapes, slots, AuditLog(settings.state_dir))
         await registry.restore()
         if settings.preload_adapters and settings.adapter_roots:
             await registry.preload(settings.adapter_roots[0])
         runtime.registry = pipeline.registry = registry
+        pipeline.shadows = start_shadows(pipeline, settings)
     runtime.batches = BatchRunner(
         pipeline,
         BatchStore(settings.state_dir),
@@ -84,6 +88,17 @@ async def build_runtime(app: Any, settings: Settings, engine: Engine) -> Runtime
     )
     await runtime.batches.resume()
     return runtime
+
+
+def start_shadows(pipeline: RequestPipeline, settings: Settings) -> Any:
+    from .shadows.runner import ShadowRunner
+    from .shadows.store import ComparisonStore
+
+    store = ComparisonStore(
+        settings.state_dir, settings.shadow_retention_days, settings.shadow_max_records
+    )
+    store.prune()
+    return ShadowRunner(pipeline, store, settings.shadow_concurrency, settings.shadow_queue_size)
 
 
 def runtime_of(conn: Any) -> Runtime:

@@ -33,15 +33,25 @@ class VersionRecord(BaseModel):
 
 
 class AliasRecord(BaseModel):
+    """Where an adapter's name routes: its version, a canary share of the traffic served by
+    another version, and a shadow version that also answers a sample of the requests (its
+    answers are stored for comparison, never returned)."""
+
     version: str
     canary_version: str | None = None
     canary_weight: float = Field(0.0, ge=0.0, le=1.0)
+    shadow_version: str | None = None
+    shadow_rate: float = Field(0.0, ge=0.0, le=1.0)
+
+    def versions_used(self) -> set[str]:
+        return {v for v in (self.version, self.canary_version, self.shadow_version) if v}
 
 
 class AdapterRecord(BaseModel):
     name: str
     versions: dict[str, VersionRecord] = Field(default_factory=dict)
     alias: AliasRecord
+    previous_alias: AliasRecord | None = None  # what ``rollback`` restores
     pinned: bool = False
 
     def key(self, version: str) -> AdapterKey:
@@ -121,6 +131,18 @@ class Catalog:
         if alias.canary_version and self.draw() < alias.canary_weight:
             return record.key(alias.canary_version)
         return record.alias_key
+
+    def shadow_of(self, model: str) -> AdapterKey | None:
+        """The shadow version that should also answer this request (drawn at the alias's
+        shadow rate); only requests naming the alias itself are shadowed."""
+        name, version = split_model(model)
+        record = self.state.adapters.get(name)
+        if record is None or version is not None:
+            return None
+        alias = record.alias
+        if alias.shadow_version and self.draw() < alias.shadow_rate:
+            return record.key(alias.shadow_version)
+        return None
 
     def pinned_keys(self) -> set[AdapterKey]:
         return self.state.pinned_keys()

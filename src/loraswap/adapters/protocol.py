@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -36,3 +38,14 @@ class AliasRequest(BaseModel):
     version: str
     canary_version: str | None = None
     canary_weight: float = Field(0.0, ge=0.0, le=1.0)
+    shadow_version: str | None = Field(
+        None, description="also answers a sample of the alias's requests; stored, not returned"
+    )
+    shadow_rate: float = Field(0.0, ge=0.0, le=1.0, description="share of requests shadowed")
+
+
+class PromoteRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    source: Literal["shadow", "canary"] | None = Field(
+        None, alias="from", description="default: whichever of the two is set"
+    )

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..audit import AuditLog
 from ..config import Settings
 from ..errors import ApiError
 from .catalog import AdapterRecord, AliasRecord, Catalog, CatalogState, CatalogStore, VersionRecord
@@ -27,8 +28,15 @@ logger = logging.getLogger(__name__)
 class AdapterRegistry:
     """Registers, validates, loads and evicts adapters; resolves the OpenAI ``model`` field."""
 
-    def __init__(self, settings: Settings, shapes: BaseModelShapes, engine: AdapterEngine) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        shapes: BaseModelShapes,
+        engine: AdapterEngine,
+        audit: AuditLog | None = None,
+    ) -> None:
         self.settings = settings
+        self.audit = audit
         self.base_name = settings.served_model_name
         self.shapes = shapes
         self.catalog = Catalog(
@@ -49,6 +57,17 @@ class AdapterRegistry:
 
     def record_request(self, key: AdapterKey, ok: bool) -> None:
         self.residency.record(key, ok)
+
+    def shadow_of(self, model: str) -> AdapterKey | None:
+        key = self.catalog.shadow_of(model)
+        return key if key is not None and self.residency.is_servable(key) else None
+
+    def _audit(self, action: str, name: str, **detail: Any) -> None:
+        if self.audit is not None:
+            try:
+                self.audit.record(action, name, detail)
+            except Exception as exc:  # the change itself is committed: log, do not fail it
+                logger.error("audit log write failed: %s", exc)
 
     # ----- persistence and replicas --------------------------------------------------------
     async def restore(self) -> None:
@@ -77,6 +96,8 @@ class AdapterRegistry:
             self._sync_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sync_task
+        if self.audit is not None:
+            self.audit.close()
 
     async def _poll(self) -> None:
         while True:
@@ -188,6 +209,9 @@ class AdapterRegistry:
                     record.alias = AliasRecord(version=version)
 
             await self._commit(mutate)
+        if created or promote:
+            self._audit("register", name, version=version, source=source, created=created,
+                        promoted=promote)  # fmt: skip
         if load:
             await self.residency.ensure_loaded(key)
         return {"name": name, "version": version, "created": created, **self.describe(name)}
@@ -210,33 +234,98 @@ class AdapterRegistry:
                     del state.adapters[name]
                 else:
                     del rec.versions[version]
-                    if rec.alias.canary_version == version:
-                        rec.alias = AliasRecord(version=rec.alias.version)
+                    rec.alias = without_version(rec.alias, version)
+                    if rec.previous_alias and version in rec.previous_alias.versions_used():
+                        rec.previous_alias = None
 
             await self._commit(mutate)
+            self._audit("delete", name, version=version)
             for key in keys:
                 await self.residency.forget(key)
 
     async def set_alias(
-        self, name: str, version: str, canary_version: str | None = None, canary_weight: float = 0
+        self,
+        name: str,
+        version: str,
+        canary_version: str | None = None,
+        canary_weight: float = 0,
+        shadow_version: str | None = None,
+        shadow_rate: float = 0,
     ) -> dict[str, Any]:
+        """Point the alias (and its canary and shadow); a new target keeps the old alias as
+        what ``rollback`` restores."""
         async with self._lock:
-            self.catalog.version(AdapterKey(name, version))
-            if canary_version is not None:
-                self.catalog.version(AdapterKey(name, canary_version))
-            if not 0 <= canary_weight <= 1:
-                raise ApiError(400, "canary_weight must be within [0, 1]", param="canary_weight")
+            for v in (version, canary_version, shadow_version):
+                if v is not None:
+                    self.catalog.version(AdapterKey(name, v))
+            for field, value in (("canary_weight", canary_weight), ("shadow_rate", shadow_rate)):
+                if not 0 <= value <= 1:
+                    raise ApiError(400, f"{field} must be within [0, 1]", param=field)
             alias = AliasRecord(
                 version=version,
                 canary_version=canary_version,
                 canary_weight=canary_weight if canary_version else 0.0,
+                shadow_version=shadow_version,
+                shadow_rate=shadow_rate if shadow_version else 0.0,
             )
+            await self._replace_alias(name, alias, "alias")
+        return self.describe(name)
+
+    async def promote(self, name: str, source: str | None = None) -> dict[str, Any]:
+        """Make the shadow (or canary) version the alias target, in one change."""
+        async with self._lock:
+            alias = self.catalog.record(name).alias
+            if source is None:
+                given = [s for s in ("shadow", "canary") if getattr(alias, f"{s}_version")]
+                if len(given) != 1:
+                    detail = "both a shadow and a canary are set" if given else "neither is set"
+                    raise ApiError(
+                        409, f"{name}: say which to promote (`from`: shadow or canary); {detail}",
+                        param="from",
+                    )  # fmt: skip
+                source = given[0]
+            target = getattr(alias, f"{source}_version")
+            if target is None:
+                raise ApiError(409, f"{name} has no {source} version to promote", param="from")
+            await self._replace_alias(name, AliasRecord(version=target), "promote", source)
+        return self.describe(name)
+
+    async def rollback(self, name: str) -> dict[str, Any]:
+        """Undo the last change of the alias target (restoring its canary and shadow as they
+        were); with none to undo, send all traffic back to the target (canary and shadow off)."""
+        async with self._lock:
+            record = self.catalog.record(name)
+            if record.previous_alias is not None:
+                restored = record.previous_alias
+            elif record.alias.canary_version or record.alias.shadow_version:
+                restored = AliasRecord(version=record.alias.version)
+            else:
+                raise ApiError(409, f"{name}: nothing to roll back")
 
             async def mutate(state: CatalogState) -> None:
-                state.adapters[name].alias = alias
+                rec = state.adapters[name]
+                before = rec.alias
+                rec.alias, rec.previous_alias = restored, None
+                return before
 
-            await self._commit(mutate)
+            before = await self._commit(mutate)
+            self._audit("rollback", name, before=before.model_dump(), after=restored.model_dump())
         return self.describe(name)
+
+    async def _replace_alias(
+        self, name: str, alias: AliasRecord, action: str, source: str | None = None
+    ) -> None:
+        async def mutate(state: CatalogState) -> AliasRecord:
+            rec = state.adapters[name]
+            before = rec.alias
+            if before.version != alias.version:
+                rec.previous_alias = before
+            rec.alias = alias
+            return before
+
+        before = await self._commit(mutate)
+        detail = {"before": before.model_dump(), "after": alias.model_dump()}
+        self._audit(action, name, **({"from": source} if source else {}), **detail)
 
     async def set_pinned(self, name: str, pinned: bool) -> dict[str, Any]:
         async with self._lock:
@@ -250,6 +339,7 @@ class AdapterRegistry:
                 state.adapters[name].pinned = pinned
 
             await self._commit(mutate)
+            self._audit("pin" if pinned else "unpin", name)
         key = record.alias_key
         if pinned:
             await self.residency.pin(key)
@@ -278,6 +368,7 @@ class AdapterRegistry:
         return {
             "name": name,
             "alias": record.alias.model_dump(),
+            "previous_alias": record.previous_alias.model_dump() if record.previous_alias else None,
             "pinned": record.pinned,
             "versions": versions,
         }
@@ -288,3 +379,13 @@ class AdapterRegistry:
     def model_ids(self) -> list[tuple[str, AdapterKey]]:
         """(model id, version it serves) for each servable alias and version (``/v1/models``)."""
         return [(i, k) for i, k in self.catalog.model_ids() if self.residency.is_servable(k)]
+
+
+def without_version(alias: AliasRecord, version: str) -> AliasRecord:
+    """``alias`` with a deleted version dropped from its canary and shadow."""
+    update: dict[str, Any] = {}
+    if alias.canary_version == version:
+        update |= {"canary_version": None, "canary_weight": 0.0}
+    if alias.shadow_version == version:
+        update |= {"shadow_version": None, "shadow_rate": 0.0}
+    return alias.model_copy(update=update)

@@ -201,8 +201,11 @@ class Residency:
 
     def facts(self, key: AdapterKey) -> dict[str, Any]:
         res = self.servable.get(key)
+        status = self.status(key)
         return {
-            "status": self.status(key),
+            "status": status,
+            # engine: in the engine's adapter memory (a slot is taken per step); disk: loads on use
+            "residency": "engine" if status in ("loaded", "pinned") else "disk",
             "error": self.broken.get(key),
             "loaded_at": res.loaded_at if res else None,
             "load_seconds": res.load_seconds if res else None,

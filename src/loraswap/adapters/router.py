@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from .. import vllm_compat
+from .. import metrics, vllm_compat
 from ..errors import ApiError
 from ..runtime import registry_of, runtime_of
 from ..tenants import current
 from .keys import AdapterKey, split_model
-from .protocol import AliasRequest, LoadAdapterRequest, RegisterAdapterRequest, UnloadAdapterRequest
+from .protocol import (
+    AliasRequest,
+    LoadAdapterRequest,
+    PromoteRequest,
+    RegisterAdapterRequest,
+    UnloadAdapterRequest,
+)
 
 router = APIRouter()
 
@@ -137,8 +143,54 @@ async def delete_version(name: str, version: str, request: Request) -> dict:
 @router.put("/admin/adapters/{name}/alias", tags=["Adapters"])
 async def set_alias(name: str, body: AliasRequest, request: Request) -> dict:
     return await registry_of(request).set_alias(
-        owned(name), body.version, body.canary_version, body.canary_weight
-    )
+        owned(name), body.version, body.canary_version, body.canary_weight,
+        body.shadow_version, body.shadow_rate,
+    )  # fmt: skip
+
+
+@router.post("/admin/adapters/{name}/promote", tags=["Adapters"])
+async def promote(name: str, request: Request, body: PromoteRequest | None = None) -> dict:
+    """The shadow (or canary) version becomes the alias target; ``rollback`` undoes it."""
+    return await registry_of(request).promote(owned(name), body.source if body else None)
+
+
+@router.post("/admin/adapters/{name}/rollback", tags=["Adapters"])
+async def rollback(name: str, request: Request) -> dict:
+    """Restore the alias as it was before its last retarget; else turn canary and shadow off."""
+    return await registry_of(request).rollback(owned(name))
+
+
+@router.get("/admin/traffic", tags=["Adapters"])
+async def traffic(request: Request) -> dict:
+    """Per served model (base and ``adapter@version``): engine runs, tokens, and median
+    latency and time to first token over its latest runs; a tenant sees its own models."""
+    runtime = runtime_of(request)
+    principal = current()
+    rows = []
+    for row in metrics.TRAFFIC.rows():
+        adapter, _, version = row["model"].partition("@")
+        if not version:
+            if not principal.may_use_base():
+                continue
+            adapter = None
+        elif not principal.may_use_adapter(adapter):
+            continue
+        rows.append({"adapter": adapter, "version": version or None, **row})
+    return {"object": "list", "base_model": runtime.base_name, "data": rows}
+
+
+@router.get("/admin/audit", tags=["Adapters"])
+async def audit(
+    request: Request,
+    adapter: str | None = None,
+    limit: int = Query(50, ge=1, le=1000),
+    before: int | None = None,
+) -> dict:
+    """Registry changes, newest first: who (tenant or admin, key id), when, what."""
+    log = registry_of(request).audit
+    principal = current()
+    data = log.entries(principal.may_use_adapter, adapter, limit, before) if log else []
+    return {"object": "list", "data": data}
 
 
 @router.post("/admin/adapters/{name}/pin", tags=["Adapters"])

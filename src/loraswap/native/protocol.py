@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+MAX_COMPARED = 8
 CHAT_EXAMPLE = {
     "messages": [{"role": "user", "content": "What is the capital of France?"}],
     "max_tokens": 32,
@@ -24,11 +25,12 @@ class GenerateRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [CHAT_EXAMPLE]})
 
-    model: str | None = Field(
+    model: str | list[str] | None = Field(
         None,
         description=(
             "base model, adapter alias, or adapter@version; absent: the base model "
-            "(unlike the OpenAI routes, which require it)"
+            "(unlike the OpenAI routes, which require it). A list (up to 8, distinct) compares "
+            "models: each answers the same input, batched together in the engine"
         ),
     )
     prompt: str | None = Field(None, description="raw prompt; exclusive with messages")
@@ -49,7 +51,20 @@ class GenerateRequest(BaseModel):
     def _one_input(self) -> GenerateRequest:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of `prompt` or `messages`")
+        if isinstance(self.model, list):
+            if not 1 <= len(self.model) <= MAX_COMPARED:
+                raise ValueError(f"`model` lists 1 to {MAX_COMPARED} models")
+            if len(set(self.model)) != len(self.model):
+                raise ValueError("`model` lists each model once")
         return self
+
+    @property
+    def compared(self) -> list[str] | None:
+        """The models to compare, when ``model`` is a list."""
+        return self.model if isinstance(self.model, list) else None
+
+    def for_model(self, model: str | None) -> GenerateRequest:
+        return self.model_copy(update={"model": model})
 
     def openai_body(self) -> dict[str, Any]:
         """The equivalent OpenAI chat/completions body for vLLM's serving layer."""
@@ -85,6 +100,16 @@ class ErrorBody(BaseModel):
 
 class ErrorResult(BaseModel):
     error: ErrorBody
+
+
+class CompareResult(BaseModel):
+    requested_model: str = Field(description="the model as listed in the request")
+    result: GenerateResponse | ErrorResult
+
+
+class CompareResponse(BaseModel):
+    object: Literal["compare"] = "compare"
+    results: list[CompareResult] = Field(description="one per listed model, in request order")
 
 
 class BatchRequest(BaseModel):

@@ -13,7 +13,14 @@ from fastapi.responses import StreamingResponse
 
 from ..errors import ApiError
 from ..runtime import runtime_of
-from .protocol import BatchRequest, BatchResponse, ErrorResult, GenerateRequest, GenerateResponse
+from .protocol import (
+    BatchRequest,
+    BatchResponse,
+    CompareResponse,
+    ErrorResult,
+    GenerateRequest,
+    GenerateResponse,
+)
 from .serving import NativeServing, parse
 
 ERRORS = {code: {"model": ErrorResult} for code in (400, 401, 404, 429, 503)}
@@ -32,9 +39,12 @@ def sse(payload: Any, event: str | None = None) -> str:
 router = APIRouter(tags=["Native"])
 
 
-@router.post("/generate", response_model=GenerateResponse, responses=ERRORS)
+@router.post("/generate", response_model=GenerateResponse | CompareResponse, responses=ERRORS)
 async def generate(body: GenerateRequest, request: Request):
-    """Generate text for one prompt or chat; returns ``{text, model, finish_reason, usage}``."""
+    """Generate text for one prompt or chat; returns ``{text, model, finish_reason, usage}``.
+    With a list of models: ``{object: "compare", results: [{requested_model, result}]}``."""
+    if body.compared:
+        return await serving(request).compare(body, request)
     return await serving(request).generate(body, request)
 
 
@@ -44,7 +54,21 @@ async def generate(body: GenerateRequest, request: Request):
 )
 async def generate_stream(body: GenerateRequest, request: Request):
     """Server-Sent Events: ``data: {text, index, model, finish_reason}`` per delta, then
-    ``data: {done: true, usage}`` and ``data: [DONE]``; a later failure is an ``error`` event."""
+    ``data: {done: true, usage}`` and ``data: [DONE]``; a later failure is an ``error`` event.
+    With a list of models, every event carries ``requested_model`` (deltas interleave; one
+    ``done`` or ``error`` per model), then ``data: [DONE]``."""
+    if body.compared:
+        merged = await serving(request).compare_stream(body, request)
+
+        async def compared() -> AsyncIterator[str]:
+            try:
+                async for event in merged:
+                    yield sse(event, "error" if "error" in event else None)
+                yield "data: [DONE]\n\n"
+            finally:
+                await merged.aclose()
+
+        return StreamingResponse(compared(), media_type="text/event-stream", headers=SSE_HEADERS)
     events = await serving(request).stream(body, request)
     try:
         first = await anext(events)  # errors before the first byte are plain 4xx
@@ -84,7 +108,11 @@ async def generate_batch(body: BatchRequest, request: Request):
 
     async def one(item: Any) -> GenerateResponse | ErrorResult:
         try:
-            return await native.generate(parse(item))
+            req = parse(item)
+            if req.compared:
+                raise ApiError(400, "a list of models (compare) is for /generate, "
+                               "/generate_stream and /ws/generate", param="model")  # fmt: skip
+            return await native.generate(req)
         except ApiError as exc:
             return ErrorResult.model_validate(exc.body())
 
@@ -94,7 +122,8 @@ async def generate_batch(body: BatchRequest, request: Request):
 @router.websocket("/ws/generate")
 async def ws_generate(ws: WebSocket) -> None:
     """Send ``{id, ...GenerateRequest}`` (several at once); receive ``{id, text, ...}`` deltas and
-    ``{id, done: true, usage}``; send ``{cancel: id}`` to stop one."""
+    ``{id, done: true, usage}``; send ``{cancel: id}`` to stop one. With a list of models, events
+    carry ``requested_model`` and the end is ``{id, done: true, models}``."""
     await ws.accept()
     tasks: dict[str, asyncio.Task[None]] = {}
     lock = asyncio.Lock()
@@ -105,6 +134,11 @@ async def ws_generate(ws: WebSocket) -> None:
 
     async def run(rid: str, req: GenerateRequest) -> None:
         try:
+            if req.compared:  # tagged per model, then one final done without requested_model
+                async for event in await serving(ws).compare_stream(req):
+                    await send({"id": rid, **event})
+                await send({"id": rid, "done": True, "models": req.compared})
+                return
             async for event in await serving(ws).stream(req):
                 await send({"id": rid, **event})
         except ApiError as exc:

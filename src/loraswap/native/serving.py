@@ -8,6 +8,8 @@ and re-frames the stream as one JSON event per delta.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,7 +17,15 @@ import pydantic
 
 from ..errors import ApiError
 from ..pipeline import RequestPipeline, validation_message
-from .protocol import Choice, GenerateRequest, GenerateResponse, Usage
+from .protocol import (
+    Choice,
+    CompareResponse,
+    CompareResult,
+    ErrorResult,
+    GenerateRequest,
+    GenerateResponse,
+    Usage,
+)
 
 
 def parse(item: Any) -> GenerateRequest:
@@ -71,6 +81,43 @@ class NativeServing:
         chunks = await self.pipeline.stream(endpoint_of(req), self.body_of(req), raw)
         return _deltas(chunks)
 
+    async def compare(self, req: GenerateRequest, raw: Any = None) -> CompareResponse:
+        """Every listed model answers the same input, at once (the engine batches them); one
+        model's error stays in its result. All failing (a bad input): that error is raised."""
+        models = req.compared or []
+
+        async def one(model: str) -> GenerateResponse | ApiError:
+            try:
+                return await self.generate(req.for_model(model), raw)
+            except ApiError as exc:
+                return exc
+
+        answers = await asyncio.gather(*(one(m) for m in models))
+        if all(isinstance(a, ApiError) for a in answers):
+            raise answers[0]
+        return CompareResponse(results=[
+            CompareResult(requested_model=m, result=(
+                ErrorResult.model_validate(a.body()) if isinstance(a, ApiError) else a))
+            for m, a in zip(models, answers, strict=True)
+        ])  # fmt: skip
+
+    async def compare_stream(self, req: GenerateRequest, raw: Any = None) -> AsyncIterator[dict]:
+        """The listed models' streams merged as they come, each event tagged with
+        ``requested_model``; a model that fails yields its error event, the others go on. All
+        failing before the start: the first error is raised."""
+        models = req.compared or []
+
+        async def start(model: str) -> AsyncIterator[dict] | ApiError:
+            try:
+                return await self.stream(req.for_model(model), raw)
+            except ApiError as exc:
+                return exc
+
+        streams = await asyncio.gather(*(start(m) for m in models))
+        if all(isinstance(s, ApiError) for s in streams):
+            raise streams[0]
+        return _merged(list(zip(models, streams, strict=True)))
+
 
 async def _deltas(chunks: Any) -> AsyncIterator[dict]:
     finish: dict[int, str | None] = {}
@@ -100,3 +147,38 @@ async def _deltas(chunks: Any) -> AsyncIterator[dict]:
                 }
     finally:
         await chunks.aclose()
+
+
+async def _merged(streams: list[tuple[str, AsyncIterator[dict] | ApiError]]) -> AsyncIterator[dict]:
+    queue: asyncio.Queue[dict | None] = asyncio.Queue()
+
+    async def pump(model: str, events: AsyncIterator[dict]) -> None:
+        try:
+            async for event in events:
+                await queue.put({"requested_model": model, **event})
+        except ApiError as exc:
+            await queue.put({"requested_model": model, **exc.body()})
+        finally:
+            await events.aclose()
+            await queue.put(None)
+
+    tasks = []
+    try:
+        for model, events in streams:
+            if isinstance(events, ApiError):
+                yield {"requested_model": model, **events.body()}
+            else:
+                tasks.append(asyncio.create_task(pump(model, events)))
+        running = len(tasks)
+        while running:
+            event = await queue.get()
+            if event is None:
+                running -= 1
+            else:
+                yield event
+    finally:
+        for task in tasks:
+            task.cancel()  # a client gone: each model's stream closes, aborting its request
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

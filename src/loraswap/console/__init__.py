@@ -1,0 +1,1 @@
+"""The operator console: a static page and the route that serves it."""

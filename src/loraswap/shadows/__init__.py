@@ -1,0 +1,1 @@
+"""Shadow versions: sampled requests answered again by another version, stored side by side."""

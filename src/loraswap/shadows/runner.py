@@ -1,0 +1,137 @@
+"""Shadow requests: a sampled share of an alias's requests also runs on its shadow version.
+
+The pipeline decides at admission (the alias's shadow rate) and captures the primary's answer
+from the engine; once the primary has answered the client, its shadow job is queued here. A
+bounded queue and ``shadow_concurrency`` workers run the jobs through vLLM's serving layer, so
+the shadow adds at most that many sequences to the engine's batch and never touches the
+primary's response; a full queue drops the sample (counted). Both answers are stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .. import metrics
+from ..adapters.keys import AdapterKey
+from ..errors import ApiError
+from ..pipeline import CAPTURE, SOURCE, EngineRun
+from ..tenants import CURRENT, Principal
+from .store import Comparison, ComparisonStore
+
+if TYPE_CHECKING:
+    from ..pipeline import RequestPipeline
+
+logger = logging.getLogger(__name__)
+SHADOWED_ROUTES = ("/v1/chat/completions", "/v1/completions")
+PROMPT_CHARS = 4000
+
+
+@dataclass
+class ShadowJob:
+    path: str
+    body: dict[str, Any]  # the request as the client sent it, ``model`` set to the shadow
+    primary: AdapterKey
+    shadow: AdapterKey
+    principal: Principal
+    primary_run: EngineRun = field(default_factory=EngineRun)
+
+
+def shadow_job(
+    path: str, body: dict[str, Any], primary: AdapterKey, shadow: AdapterKey, who: Principal
+) -> ShadowJob | None:
+    """The shadow of one request, or None for requests that are not shadowed: other routes,
+    several prompts in one request."""
+    if path not in SHADOWED_ROUTES or shadow == primary:
+        return None
+    if path == "/v1/completions" and not isinstance(body.get("prompt"), str):
+        return None
+    twin = copy.deepcopy(body)
+    twin["model"] = str(shadow)
+    twin["stream"] = False
+    twin.pop("stream_options", None)
+    return ShadowJob(path, twin, primary, shadow, who)
+
+
+def prompt_text(body: dict[str, Any]) -> str:
+    """The request's prompt as readable text (chat: one ``role: content`` line per message)."""
+    if "messages" in body:
+        lines = []
+        for m in body.get("messages") or []:
+            content = m.get("content") if isinstance(m, dict) else m
+            if isinstance(content, list):
+                content = " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+            lines.append(f"{m.get('role', '?') if isinstance(m, dict) else '?'}: {content}")
+        text = "\n".join(lines)
+    else:
+        text = str(body.get("prompt", ""))
+    return text[:PROMPT_CHARS]
+
+
+class ShadowRunner:
+    def __init__(
+        self, pipeline: RequestPipeline, store: ComparisonStore, concurrency: int, queue_size: int
+    ) -> None:
+        self.pipeline = pipeline
+        self.store = store
+        self.queue: asyncio.Queue[ShadowJob] = asyncio.Queue(queue_size)
+        self.workers = [asyncio.create_task(self._work()) for _ in range(concurrency)]
+
+    def submit(self, job: ShadowJob) -> None:
+        """Queue a job whose primary answered completely; drop it when the queue is full."""
+        if job.primary_run.latency_s is None or job.primary_run.text is None:
+            return  # the primary was cut short (client gone, engine error): nothing to compare
+        try:
+            self.queue.put_nowait(job)
+        except asyncio.QueueFull:
+            metrics.SHADOW_RUNS.labels("dropped").inc()
+
+    async def _work(self) -> None:
+        while True:
+            job = await self.queue.get()
+            try:
+                await self.run(job)
+            except Exception as exc:  # one job's failure never stops the worker
+                logger.error("shadow run of %s failed: %s", job.shadow, exc)
+
+    async def run(self, job: ShadowJob) -> None:
+        shadow_run = EngineRun()
+        tokens = (CAPTURE.set(shadow_run), SOURCE.set("shadow"), CURRENT.set(job.principal))
+        error = None
+        registry = self.pipeline.registry
+        try:
+            await registry.ensure_loaded(job.shadow)
+            await self.pipeline.call_vllm(job.path, job.body, None)
+            registry.record_request(job.shadow, ok=True)
+        except ApiError as exc:
+            error = exc.message
+            registry.record_request(job.shadow, ok=False)
+        finally:
+            CURRENT.reset(tokens[2])
+            SOURCE.reset(tokens[1])
+            CAPTURE.reset(tokens[0])
+        metrics.SHADOW_RUNS.labels("failed" if error else "done").inc()
+        p = job.primary_run
+        comparison = Comparison(
+            tenant=job.principal.name, adapter=job.primary.name,
+            primary_version=job.primary.version, shadow_version=job.shadow.version,
+            route=job.path, prompt=prompt_text(job.body),
+            primary_text=p.text or "", shadow_text=None if error else shadow_run.text,
+            primary_tokens=p.completion_tokens,
+            shadow_tokens=None if error else shadow_run.completion_tokens,
+            primary_latency_s=p.latency_s, shadow_latency_s=shadow_run.latency_s,
+            primary_ttft_s=p.ttft_s, shadow_ttft_s=shadow_run.ttft_s, shadow_error=error,
+        )  # fmt: skip
+        await asyncio.to_thread(self.store.add, comparison)
+
+    async def close(self) -> None:
+        for task in self.workers:
+            task.cancel()
+        for task in self.workers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self.store.close()
