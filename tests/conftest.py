@@ -96,6 +96,20 @@ def server(tmp_path_factory: pytest.TempPathFactory, adapter_root: Path, s3: dic
     assert not left, f"processes left after SIGTERM: {[p.pid for p in left]}"
 
 
+ROOT_KEY = "root-key-1"
+
+
+@pytest.fixture(scope="session")
+def tenanted(tmp_path_factory: pytest.TempPathFactory, adapter_root: Path, s3: dict):
+    """A real server with a global admin key (tenants, the console's admin actions)."""
+    state = tmp_path_factory.mktemp("tenanted")
+    env = server_env(adapter_root, state, s3, LORASWAP_ADMIN_API_KEYS=ROOT_KEY)
+    srv = Server(state / "serve.log", env=env).start()
+    srv.state = state
+    yield srv
+    assert not srv.stop(), "processes left after SIGTERM"
+
+
 @pytest.fixture(scope="session")
 def client(server: Server) -> OpenAI:
     return OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)

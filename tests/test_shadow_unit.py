@@ -210,6 +210,9 @@ class Collector:
     def submit(self, job: ShadowJob) -> None:
         self.jobs.append(job)
 
+    def yield_to_client(self) -> None:
+        self.yielded = True
+
 
 def test_pipeline_queues_the_shadow_after_a_successful_primary_only():
     pipe = RequestPipeline(Settings(default_max_tokens=None), ShadowingRegistry())
@@ -254,3 +257,51 @@ def test_compare_request_lists_distinct_models():
     for bad in (["a", "a"], [], [str(i) for i in range(9)]):
         with pytest.raises(ValueError):
             GenerateRequest(model=bad, prompt="x")
+
+
+class SlowEngine:
+    """A stand-in pipeline whose engine takes ``seconds`` per shadow and fills its capture."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.interactive = 0
+        self.registry = ShadowingRegistry()
+        self.started = 0
+
+    async def call_vllm(self, path: str, body: dict, raw: object) -> None:
+        from loraswap.pipeline import CAPTURE
+
+        self.started += 1
+        await asyncio.sleep(self.seconds)
+        run = CAPTURE.get()
+        run.text, run.completion_tokens, run.latency_s = "HELLO", 2, self.seconds
+
+
+def test_shadows_run_on_idle_capacity_and_yield_to_clients(tmp_path):
+    from loraswap.shadows.runner import ShadowRunner
+
+    async def scenario() -> tuple[int, list]:
+        engine = SlowEngine(0.3)
+        store = ComparisonStore(tmp_path, retention_days=1, max_records=100)
+        runner = ShadowRunner(engine, store, concurrency=1, queue_size=4)
+        body = {"model": "uppercase", "messages": [{"role": "user", "content": "hi"}]}
+        job = shadow_job("/v1/chat/completions", body, V1, V2, GLOBAL_ADMIN)
+        job.primary_run = EngineRun(text="HELLO", completion_tokens=2, latency_s=0.1)
+        engine.interactive = 1  # a client request in flight: the shadow waits
+        runner.submit(job)
+        await asyncio.sleep(0.2)
+        assert engine.started == 0
+        engine.interactive = 0
+        await asyncio.sleep(0.1)
+        assert engine.started == 1
+        runner.yield_to_client()  # a client arrives: the shadow is aborted and queued again
+        engine.interactive = 1
+        await asyncio.sleep(0.1)
+        engine.interactive = 0
+        await asyncio.sleep(0.6)
+        await runner.close()
+        return engine.started, store.summaries(lambda n: True)
+
+    started, pairs = asyncio.run(scenario())
+    assert started == 2
+    assert pairs[0]["count"] == 1 and pairs[0]["identical"] == 1

@@ -16,21 +16,8 @@ from httpx_ws import connect_ws
 from openai import OpenAI
 
 from loraswap.routes import INFERENCE_ROUTES
-from tests.conftest import BASE_MODEL, server_env
-from tests.server import Server
+from tests.conftest import BASE_MODEL, ROOT_KEY
 from tests.test_access import request_for
-
-ROOT_KEY = "root-key-1"
-
-
-@pytest.fixture(scope="module")
-def tenanted(tmp_path_factory, adapter_root, s3):
-    state = tmp_path_factory.mktemp("tenanted")
-    env = server_env(adapter_root, state, s3, LORASWAP_ADMIN_API_KEYS=ROOT_KEY)
-    srv = Server(state / "serve.log", env=env).start()
-    srv.state = state
-    yield srv
-    assert not srv.stop(), "processes left after SIGTERM"
 
 
 def call(srv, method: str, path: str, key: str, **kwargs) -> httpx.Response:

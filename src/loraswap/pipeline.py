@@ -200,6 +200,8 @@ class RequestPipeline:
             limited = self.tenancy.limiter.acquire(principal)
         if shadow is not None:
             CAPTURE.set(shadow.primary_run)  # the engine fills in the primary's answer
+        if not background and self.shadows is not None:
+            self.shadows.yield_to_client()  # shadows use idle capacity only
         return Admission(model, key, principal, limited, shadow)
 
     def shadow_of(
@@ -277,17 +279,21 @@ class RequestPipeline:
         ``{"error": ...}`` chunk. Closing the iterator aborts the engine request.
         """
         body = {**body, "stream": True, "stream_options": {"include_usage": True}}
-        admission = await self.admit(path, body)
+        self.interactive += 1  # from admission on, as the other entries count it
         try:
-            chunks = await self.call_vllm(path, body, raw)
-        except ApiError:
-            self.finish(admission, ok=False)
+            admission = await self.admit(path, body)
+            try:
+                chunks = await self.call_vllm(path, body, raw)
+            except ApiError:
+                self.finish(admission, ok=False)
+                raise
+        except BaseException:
+            self.interactive -= 1
             raise
         return self._frames(admission, chunks)
 
     async def _frames(self, admission: Admission, chunks: Any) -> AsyncIterator[dict[str, Any]]:
         ok = True
-        self.interactive += 1
         try:
             async for block in chunks:
                 for line in block.splitlines():

@@ -79,7 +79,7 @@ ROUTES: tuple[Route, ...] = (
     # adapter management
     Route("/admin/adapters", ("GET", "POST"), "admin", "list, register"),
     Route("/admin/adapters/{name}", ("GET", "DELETE"), "admin", "show, delete"),
-    Route("/admin/adapters/{name}/alias", ("PUT",), "admin", "alias and canary"),
+    Route("/admin/adapters/{name}/alias", ("PUT",), "admin", "alias, canary and shadow"),
     Route("/admin/adapters/{name}/pin", ("POST",), "admin", "keep loaded"),
     Route("/admin/adapters/{name}/unpin", ("POST",), "admin", "allow eviction"),
     Route("/admin/adapters/{name}/promote", ("POST",), "admin", "shadow or canary becomes target"),

@@ -1,10 +1,12 @@
 """Shadow requests: a sampled share of an alias's requests also runs on its shadow version.
 
 The pipeline decides at admission (the alias's shadow rate) and captures the primary's answer
-from the engine; once the primary has answered the client, its shadow job is queued here. A
-bounded queue and ``shadow_concurrency`` workers run the jobs through vLLM's serving layer, so
-the shadow adds at most that many sequences to the engine's batch and never touches the
-primary's response; a full queue drops the sample (counted). Both answers are stored.
+from the engine; once the primary has answered the client, its shadow job is queued here.
+Shadows run on idle capacity only: a worker starts one while no client request is in flight, and
+a client request arriving aborts the running shadows (the engine drops them at once) and puts
+them back in the queue, up to ``MAX_TRIES`` starts. So a shadow never shares the engine's batch
+with client traffic and never touches a response; a full queue drops the sample (counted).
+Both answers are stored.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 SHADOWED_ROUTES = ("/v1/chat/completions", "/v1/completions")
 PROMPT_CHARS = 4000
+MAX_TRIES = 3  # starts of one shadow job, each aborted by client traffic, before it is dropped
+IDLE_POLL_S = 0.02
 
 
 @dataclass
@@ -39,6 +43,7 @@ class ShadowJob:
     shadow: AdapterKey
     principal: Principal
     primary_run: EngineRun = field(default_factory=EngineRun)
+    tries: int = 0
 
 
 def shadow_job(
@@ -79,6 +84,8 @@ class ShadowRunner:
         self.pipeline = pipeline
         self.store = store
         self.queue: asyncio.Queue[ShadowJob] = asyncio.Queue(queue_size)
+        self.running: set[asyncio.Task[None]] = set()
+        self.closing = False
         self.workers = [asyncio.create_task(self._work()) for _ in range(concurrency)]
 
     def submit(self, job: ShadowJob) -> None:
@@ -90,13 +97,41 @@ class ShadowRunner:
         except asyncio.QueueFull:
             metrics.SHADOW_RUNS.labels("dropped").inc()
 
+    def yield_to_client(self) -> None:
+        """A client request is being admitted: abort the running shadows (they run again later)."""
+        for task in self.running:
+            task.cancel()
+
+    async def _idle(self) -> None:
+        while self.pipeline.interactive > 0:
+            await asyncio.sleep(IDLE_POLL_S)
+
     async def _work(self) -> None:
         while True:
             job = await self.queue.get()
+            await self._idle()
+            job.tries += 1
+            task = asyncio.create_task(self.run(job))
+            self.running.add(task)
             try:
-                await self.run(job)
+                await task
+            except asyncio.CancelledError:
+                if self.closing:
+                    raise
+                self._retry(job)
             except Exception as exc:  # one job's failure never stops the worker
                 logger.error("shadow run of %s failed: %s", job.shadow, exc)
+            finally:
+                self.running.discard(task)
+
+    def _retry(self, job: ShadowJob) -> None:
+        if job.tries >= MAX_TRIES:
+            metrics.SHADOW_RUNS.labels("preempted").inc()
+            return
+        try:
+            self.queue.put_nowait(job)
+        except asyncio.QueueFull:
+            metrics.SHADOW_RUNS.labels("dropped").inc()
 
     async def run(self, job: ShadowJob) -> None:
         shadow_run = EngineRun()
@@ -129,6 +164,7 @@ class ShadowRunner:
         await asyncio.to_thread(self.store.add, comparison)
 
     async def close(self) -> None:
+        self.closing = True
         for task in self.workers:
             task.cancel()
         for task in self.workers:
