@@ -1,12 +1,16 @@
 """What a shadow version costs the primary: TTFT and throughput with and without a 100 % shadow.
 
     python benchmarks/shadow_overhead.py [--concurrency 1,8] [--requests 48] [--tokens 32]
+                                         [--open-gap 2.0] [--open-requests 24]
 
 Starts loraswap (default settings) on a free loopback port, registers ``uppercase@v2`` (the
 json adapter's weights, so the shadow really computes another answer), and drives streamed chat
-requests to the ``uppercase`` alias (``--tokens`` each, EOS ignored) at each concurrency, in
-alternating rounds: no shadow, 100 % shadow, no shadow, 100 % shadow. Reports the primary's
-TTFT p50/p99 and output tokens/s per round, and how many shadow runs were done or dropped.
+requests to the ``uppercase`` alias (``--tokens`` each, EOS ignored) in alternating rounds: no
+shadow, 100 % shadow, no shadow, 100 % shadow. Loads: closed loops of each ``--concurrency``
+(clients sending back to back: no idle engine), and an open loop (Poisson arrivals, mean gap
+``--open-gap`` seconds: the engine idles between requests, as most real traffic lets it).
+Reports per round the primary's TTFT p50/p99 and output tokens/s, and the shadow runs done
+during the round, after it (queued ones, once clients stopped), dropped or preempted.
 Writes benchmarks/results/shadow-<time>.json with the CPU kind.
 """
 
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import random
 import re
 import statistics
 import time
@@ -39,21 +44,33 @@ async def one(http: httpx.AsyncClient, url: str, body: dict) -> tuple[float, int
     return ttft or time.monotonic() - started, chunks
 
 
-async def round_(url: str, concurrency: int, requests: int, tokens: int) -> dict:
+async def round_(url: str, concurrency: int, requests: int, tokens: int, gap: float) -> dict:
+    """``concurrency`` closed-loop clients, or (``gap`` > 0) one request every ~``gap`` s."""
     queue = list(range(requests))
     ttfts: list[float] = []
     produced = 0
 
-    async def client(http: httpx.AsyncClient) -> None:
+    async def send(http: httpx.AsyncClient, i: int) -> None:
         nonlocal produced
+        ttft, chunks = await one(http, url, chat(tokens, i))
+        ttfts.append(ttft)
+        produced += chunks
+
+    async def client(http: httpx.AsyncClient) -> None:
         while queue:
-            ttft, chunks = await one(http, url, chat(tokens, queue.pop()))
-            ttfts.append(ttft)
-            produced += chunks
+            await send(http, queue.pop())
 
     started = time.monotonic()
     async with httpx.AsyncClient(timeout=600) as http:
-        await asyncio.gather(*(client(http) for _ in range(concurrency)))
+        if gap > 0:
+            arrivals = random.Random(7)
+            sent = []
+            for i in queue:
+                sent.append(asyncio.create_task(send(http, i)))
+                await asyncio.sleep(arrivals.expovariate(1 / gap))
+            await asyncio.gather(*sent)
+        else:
+            await asyncio.gather(*(client(http) for _ in range(concurrency)))
     wall = time.monotonic() - started
     ttfts.sort()
     return {
@@ -63,22 +80,25 @@ async def round_(url: str, concurrency: int, requests: int, tokens: int) -> dict
     }
 
 
-def shadow_runs(url: str) -> dict[str, float]:
+def series(url: str) -> dict[str, float]:
+    """Shadow outcomes, shadows pending, and vLLM's requests running or waiting."""
     text = httpx.get(f"{url}/metrics", timeout=30).text
-    pattern = r'^loraswap_shadow_runs_total\{outcome="(\w+)"\} ([0-9.e+]+)$'
-    return {m[1]: float(m[2]) for m in re.finditer(pattern, text, re.M)}
+    found = {m[1]: float(m[2]) for m in re.finditer(
+        r'^loraswap_shadow_runs_total\{outcome="(\w+)"\} ([0-9.e+]+)$', text, re.M)}  # fmt: skip
+    found["pending"] = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                           if line.startswith("loraswap_shadow_pending "))  # fmt: skip
+    found["engine"] = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                          if line.startswith(("vllm:num_requests_running{",
+                                              "vllm:num_requests_waiting{")))  # fmt: skip
+    return found
 
 
-async def drain(url: str) -> None:
-    """Wait until queued shadow runs are done, so the next round starts on an idle engine."""
-    for _ in range(600):
-        text = httpx.get(f"{url}/metrics", timeout=30).text
-        running = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                      if line.startswith(("vllm:num_requests_running{",
-                                          "vllm:num_requests_waiting{")))  # fmt: skip
-        if running == 0:
-            await asyncio.sleep(1.0)
-            return
+async def drain(url: str) -> dict[str, float]:
+    """Wait until every queued shadow ran and the engine is idle; the series then."""
+    while True:
+        now = series(url)
+        if now["pending"] == 0 and now["engine"] == 0:
+            return now
         await asyncio.sleep(0.5)
 
 
@@ -91,27 +111,29 @@ async def measure(url: str, args: argparse.Namespace) -> dict:
         await one(http, url, chat(4, 0))  # warm up both versions
         await one(http, url, {**chat(4, 0), "model": "uppercase@v2"})
     rows = []
-    for concurrency in args.concurrency:
+    loads = [(c, 0.0, args.requests) for c in args.concurrency]
+    loads += [(1, args.open_gap, args.open_requests)] if args.open_gap > 0 else []
+    for concurrency, gap, requests in loads:
         for rate in (0.0, 1.0, 0.0, 1.0):
             async with httpx.AsyncClient(timeout=60) as http:
                 alias = {"version": "v1", "shadow_version": "v2" if rate else None,
                          "shadow_rate": rate}  # fmt: skip
-                (
-                    await http.put(f"{url}/admin/adapters/uppercase/alias", json=alias)
-                ).raise_for_status()
-            before = shadow_runs(url)
-            figures = await round_(url, concurrency, args.requests, args.tokens)
-            after = shadow_runs(url)
-            await drain(url)
-            done = shadow_runs(url)
+                resp = await http.put(f"{url}/admin/adapters/uppercase/alias", json=alias)
+                resp.raise_for_status()
+            before = await drain(url)
+            figures = await round_(url, concurrency, requests, args.tokens, gap)
+            during = series(url)
+            after = await drain(url)
 
             def delta(a: dict, b: dict, outcome: str) -> float:
                 return a.get(outcome, 0) - b.get(outcome, 0)
 
-            row = {"concurrency": concurrency, "shadow_rate": rate, **figures,
-                   "shadows_done_during": delta(after, before, "done"),
-                   "shadows_done_after": delta(done, after, "done"),
-                   "shadows_dropped": delta(done, before, "dropped")}  # fmt: skip
+            load = f"open loop, mean gap {gap} s" if gap else f"closed loop x{concurrency}"
+            row = {"load": load, "requests": requests, "shadow_rate": rate, **figures,
+                   "shadows_done_during": delta(during, before, "done"),
+                   "shadows_done_after": delta(after, during, "done"),
+                   "shadows_dropped": delta(after, before, "dropped"),
+                   "shadows_preempted": delta(after, before, "preempted")}  # fmt: skip
             print(row, flush=True)
             rows.append(row)
     return {"rounds": rows}
@@ -123,6 +145,8 @@ def main() -> None:
                         default=[1, 8])  # fmt: skip
     parser.add_argument("--requests", type=int, default=48)
     parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--open-gap", type=float, default=2.0, help="0: no open-loop rounds")
+    parser.add_argument("--open-requests", type=int, default=24)
     measure_on_loraswap("shadow", measure, parser.parse_args())
 
 

@@ -293,12 +293,14 @@ def test_shadows_run_on_idle_capacity_and_yield_to_clients(tmp_path):
         assert engine.started == 0
         engine.interactive = 0
         await asyncio.sleep(0.1)
+        assert engine.started == 0  # idle, but not yet for the grace period
+        await asyncio.sleep(0.25)
         assert engine.started == 1
         runner.yield_to_client()  # a client arrives: the shadow is aborted and queued again
         engine.interactive = 1
         await asyncio.sleep(0.1)
         engine.interactive = 0
-        await asyncio.sleep(0.6)
+        await asyncio.sleep(1.0)
         await runner.close()
         return engine.started, store.summaries(lambda n: True)
 

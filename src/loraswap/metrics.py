@@ -30,8 +30,12 @@ RESIDENT = Gauge(
 )
 EVICTIONS = Counter("loraswap_adapter_evictions", "LRU evictions from the engine.", LABELS)
 SHADOW_RUNS = Counter(
-    "loraswap_shadow_runs", "Shadow requests by outcome (done, failed, dropped).", ["outcome"]
+    "loraswap_shadow_runs",
+    "Shadow requests by outcome: done, failed, dropped (queue full), preempted (aborted by "
+    "client traffic at every start).",
+    ["outcome"],
 )
+SHADOW_PENDING = Gauge("loraswap_shadow_pending", "Shadow requests queued or running.")
 
 
 def split_key(key: str) -> tuple[str, str]:

@@ -2,9 +2,10 @@
 
 The pipeline decides at admission (the alias's shadow rate) and captures the primary's answer
 from the engine; once the primary has answered the client, its shadow job is queued here.
-Shadows run on idle capacity only: a worker starts one while no client request is in flight, and
-a client request arriving aborts the running shadows (the engine drops them at once) and puts
-them back in the queue, up to ``MAX_TRIES`` starts. So a shadow never shares the engine's batch
+Shadows run on idle capacity only: a worker starts one once no client request has been in flight
+for ``IDLE_GRACE_S`` (so the gaps of a busy client do not count as idle), and a client request
+arriving aborts the running shadows (the engine drops them at once) and puts them back in the
+queue, up to ``MAX_TRIES`` starts. So a shadow never shares the engine's batch
 with client traffic and never touches a response; a full queue drops the sample (counted).
 Both answers are stored.
 """
@@ -15,6 +16,7 @@ import asyncio
 import contextlib
 import copy
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +35,7 @@ SHADOWED_ROUTES = ("/v1/chat/completions", "/v1/completions")
 PROMPT_CHARS = 4000
 MAX_TRIES = 3  # starts of one shadow job, each aborted by client traffic, before it is dropped
 IDLE_POLL_S = 0.02
+IDLE_GRACE_S = 0.2
 
 
 @dataclass
@@ -94,6 +97,7 @@ class ShadowRunner:
             return  # the primary was cut short (client gone, engine error): nothing to compare
         try:
             self.queue.put_nowait(job)
+            metrics.SHADOW_PENDING.inc()
         except asyncio.QueueFull:
             metrics.SHADOW_RUNS.labels("dropped").inc()
 
@@ -103,7 +107,12 @@ class ShadowRunner:
             task.cancel()
 
     async def _idle(self) -> None:
-        while self.pipeline.interactive > 0:
+        quiet_since = time.monotonic()
+        while True:
+            if self.pipeline.interactive > 0:
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since >= IDLE_GRACE_S:
+                return
             await asyncio.sleep(IDLE_POLL_S)
 
     async def _work(self) -> None:
@@ -123,6 +132,7 @@ class ShadowRunner:
                 logger.error("shadow run of %s failed: %s", job.shadow, exc)
             finally:
                 self.running.discard(task)
+                metrics.SHADOW_PENDING.dec()
 
     def _retry(self, job: ShadowJob) -> None:
         if job.tries >= MAX_TRIES:
@@ -130,6 +140,7 @@ class ShadowRunner:
             return
         try:
             self.queue.put_nowait(job)
+            metrics.SHADOW_PENDING.inc()
         except asyncio.QueueFull:
             metrics.SHADOW_RUNS.labels("dropped").inc()
 
