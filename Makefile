@@ -13,6 +13,7 @@ STAMP := $(VENV)/.installed-$(DEVICE)
 PORT ?= $(or $(BENTOML_PORT),3000)
 FUZZ_STAMP := .venv-fuzz/.installed
 FUZZ_TIME ?= 420
+CHROMIUM := /usr/bin/chromium
 # uv does not read pip's config: pass on pip's find-links (where a local torch build may live).
 export UV_FIND_LINKS ?= $(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
 
@@ -40,8 +41,12 @@ model: $(STAMP)
 serve: model
 	BENTOML_PORT=$(PORT) $(VENV)/bin/bentoml serve service:LoRASwap --port $(PORT)
 
-test: model $(FUZZ_STAMP)
+test: model $(FUZZ_STAMP) $(CHROMIUM)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Debian's Chromium, which tests/test_console.py drives with Playwright (no browser download).
+$(CHROMIUM):
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
 
 # schemathesis in its own venv (its pins are not the server's); tests/test_zz_fuzz.py drives it.
 $(FUZZ_STAMP): | $(UV)

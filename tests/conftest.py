@@ -19,7 +19,8 @@ BASE_MODEL = "smollm2-135m-instruct"
 SHIPPED = ROOT / "adapters"
 # Fixtures that start a real server (or build Bentos): their tests carry the `engine` marker, so
 # `pytest -m "not engine"` runs the fast tests alone, starting no server.
-ENGINE_FIXTURES = {"server", "client", "locked", "fp32_server", "built", "tenanted", "fuzzed"}
+ENGINE_FIXTURES = {"server", "client", "locked", "fp32_server", "built", "tenanted", "fuzzed",
+                   "console"}  # fmt: skip
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -352,3 +352,25 @@ def test_cli_manages_adapters_over_the_api(server):
     assert bad.returncode == 1 and "outside the adapter roots" in bad.stderr
     assert cli("delete", "cli-made").returncode == 0
     assert "cli-made" not in cli("list").stdout
+
+
+def test_model_and_adapter_lists_page_with_limit_and_after(server, client):
+    """`/v1/models` and `/admin/adapters` page in OpenAI's cursor style; the default page holds
+    a small catalogue whole (the SDK's `models.list()` sees everything)."""
+    full = admin(server, "GET", "/v1/models").json()
+    assert full["has_more"] is False and full["last_id"] == full["data"][-1]["id"]
+    assert [m.id for m in client.models.list()] == [m["id"] for m in full["data"]]
+    for path, key in (("/v1/models", "id"), ("/admin/adapters", "name")):
+        seen, after = [], None
+        while True:
+            query = "?limit=2" + (f"&after={after}" if after else "")
+            page = admin(server, "GET", path + query).json()
+            assert len(page["data"]) <= 2
+            seen += [item[key] for item in page["data"]]
+            if not page["has_more"]:
+                break
+            after = page["last_id"]
+        assert seen == [item[key] for item in admin(server, "GET", path).json()["data"]]
+        assert len(seen) > 2
+        resp = admin(server, "GET", f"{path}?after=no-such-entry")
+        assert resp.status_code == 400 and resp.json()["error"]["param"] == "after"

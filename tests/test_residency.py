@@ -163,3 +163,25 @@ def test_broken_versions_show_their_reason():
     res.mark_broken(KEYS[1], "rank 64 > max_lora_rank 16")
     assert res.facts(KEYS[1])["status"] == "broken"
     assert "rank" in res.facts(KEYS[1])["error"]
+
+
+def test_metric_labels_are_bounded(monkeypatch):
+    """The first N versions keep their own series; the rest share `other`, whose resident gauge
+    counts how many of them are loaded."""
+    from loraswap import metrics
+
+    labels = metrics.AdapterLabels(limit=2)
+    monkeypatch.setattr(metrics, "labels_of", labels)
+    keys = [AdapterKey(f"bounded-{i}", "v1") for i in range(4)]
+    assert [labels(k) for k in keys] == [("bounded-0", "v1"), ("bounded-1", "v1"),
+                                         metrics.OTHER, metrics.OTHER]  # fmt: skip
+    assert labels(keys[0]) == ("bounded-0", "v1")  # still its own
+    other = metrics.RESIDENT.labels(*metrics.OTHER)
+    start = other._value.get()
+    metrics.set_resident(keys[2], True)
+    metrics.set_resident(keys[3], True)
+    metrics.set_resident(keys[2], False)
+    assert other._value.get() == start + 1
+    metrics.set_resident(keys[0], True)
+    metrics.set_resident(keys[0], True)
+    assert metrics.RESIDENT.labels("bounded-0", "v1")._value.get() == 1

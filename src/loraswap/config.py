@@ -223,6 +223,22 @@ class Settings(BaseSettings):
         ),
     )
     max_batch_size: int = Field(64, ge=1, description="Most requests in one `/generate_batch`.")
+    list_page_size: int = Field(
+        1000,
+        ge=1,
+        description=(
+            "Entries per page of `/v1/models` and `/admin/adapters` when the client sets no "
+            "`limit` (`has_more`, `after` for the next page)."
+        ),
+    )
+    metrics_adapter_series: int = Field(
+        100,
+        ge=0,
+        description=(
+            "Adapter versions with their own `/metrics` series (the first seen); later ones "
+            'share `adapter="other"`, so `/metrics` stays small with many adapters.'
+        ),
+    )
     shadow_concurrency: int = Field(
         1,
         ge=1,

@@ -1,4 +1,9 @@
-"""Per-adapter Prometheus series, exported through BentoML's ``/metrics`` beside vLLM's."""
+"""Per-adapter Prometheus series, exported through BentoML's ``/metrics`` beside vLLM's.
+
+Label values are bounded: the first ``metrics_adapter_series`` adapter versions seen get their
+own series, later ones share ``adapter="other"``, so ``/metrics`` stays small with thousands of
+adapters (``/admin/traffic`` and ``/admin/adapters`` still count each version).
+"""
 
 from __future__ import annotations
 
@@ -26,7 +31,9 @@ LOAD_SECONDS = Histogram(
     buckets=(0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30),
 )
 RESIDENT = Gauge(
-    "loraswap_adapter_resident", "1 while the adapter is loaded in the engine.", LABELS
+    "loraswap_adapter_resident",
+    '1 while the adapter is loaded in the engine (adapter="other": how many of those are).',
+    LABELS,
 )
 EVICTIONS = Counter("loraswap_adapter_evictions", "LRU evictions from the engine.", LABELS)
 SHADOW_RUNS = Counter(
@@ -38,14 +45,50 @@ SHADOW_RUNS = Counter(
 SHADOW_PENDING = Gauge("loraswap_shadow_pending", "Shadow requests queued or running.")
 
 
+OTHER = ("other", "")
+
+
+class AdapterLabels:
+    """(adapter, version) label values: the first ``limit`` versions keep their own."""
+
+    def __init__(self, limit: int = 100) -> None:
+        self.limit = limit
+        self.named: set[tuple[str, str]] = set()
+
+    def __call__(self, key: Any) -> tuple[str, str]:
+        pair = (str(key[0]), str(key[1]))
+        if pair in self.named:
+            return pair
+        if len(self.named) < self.limit:
+            self.named.add(pair)
+            return pair
+        return OTHER
+
+
+labels_of = AdapterLabels()
+
+
+def set_resident(key: Any, resident: bool) -> None:
+    """1/0 for a version with its own series; the count of resident ones in ``other``."""
+    labels = labels_of(key)
+    gauge = RESIDENT.labels(*labels)
+    if labels != OTHER:
+        gauge.set(int(resident))
+    elif resident:
+        gauge.inc()
+    else:
+        gauge.dec()
+
+
 def split_key(key: str) -> tuple[str, str]:
     name, _, version = key.partition("@")
     return name, version
 
 
 def record_tokens(key: str, prompt_tokens: int, generated: int) -> None:
-    PROMPT_TOKENS.labels(*split_key(key)).inc(prompt_tokens)
-    GENERATION_TOKENS.labels(*split_key(key)).inc(generated)
+    labels = labels_of(split_key(key))
+    PROMPT_TOKENS.labels(*labels).inc(prompt_tokens)
+    GENERATION_TOKENS.labels(*labels).inc(generated)
 
 
 class ModelTraffic:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from . import metrics
 from .config import Settings
 from .errors import ApiError
 from .machine import Choice
@@ -61,6 +62,7 @@ async def build_runtime(app: Any, settings: Settings, engine: Engine) -> Runtime
     from .openai_api import attach_engine
 
     quiet_vllm_client_errors()
+    metrics.labels_of.limit = settings.metrics_adapter_series
     client = engine.client
     pipeline = RequestPipeline(settings, tenancy=app.state.tenancy)
     pipeline.guard_engine(client)

@@ -373,8 +373,8 @@ class AdapterRegistry:
             "versions": versions,
         }
 
-    def listing(self) -> list[dict[str, Any]]:
-        return [self.describe(name) for name in sorted(self.catalog.state.adapters)]
+    def names(self) -> list[str]:
+        return sorted(self.catalog.state.adapters)
 
     def model_ids(self) -> list[tuple[str, AdapterKey]]:
         """(model id, version it serves) for each servable alias and version (``/v1/models``)."""

@@ -111,7 +111,7 @@ class Residency:
         self.broken.pop(key, None)
         if loaded:
             self.lru.pop(key)
-            metrics.RESIDENT.labels(*key).set(0)
+            metrics.set_resident(key, False)
             with contextlib.suppress(Exception):
                 await self.engine.unload(key)
         self.engine.withdraw(key)
@@ -159,8 +159,8 @@ class Residency:
         res.load_seconds = time.perf_counter() - started
         res.loaded_at = time.time()
         self.lru[key] = None
-        metrics.LOAD_SECONDS.labels(*key).observe(res.load_seconds)
-        metrics.RESIDENT.labels(*key).set(1)
+        metrics.LOAD_SECONDS.labels(*metrics.labels_of(key)).observe(res.load_seconds)
+        metrics.set_resident(key, True)
         logger.info("loaded adapter %s in %.3fs", key, res.load_seconds)
 
     async def _make_room(self) -> None:
@@ -170,7 +170,7 @@ class Residency:
             if victim is None:
                 raise ApiError(503, "every adapter slot is pinned; unpin one")
             await self.evict(victim)
-            metrics.EVICTIONS.labels(*victim).inc()
+            metrics.EVICTIONS.labels(*metrics.labels_of(victim)).inc()
 
     async def evict(self, key: AdapterKey) -> None:
         """Out of the engine's slots; still servable (it loads again on the next request)."""
@@ -181,7 +181,7 @@ class Residency:
         res = self.servable.get(key)
         if res is not None:
             res.loaded_at = None
-        metrics.RESIDENT.labels(*key).set(0)
+        metrics.set_resident(key, False)
         logger.info("evicted adapter %s", key)
 
     async def pin(self, key: AdapterKey) -> None:
@@ -191,11 +191,11 @@ class Residency:
     # ----- observation ---------------------------------------------------------------------
     def record(self, key: AdapterKey, ok: bool) -> None:
         res = self.servable.get(key)
-        metrics.REQUESTS.labels(*key).inc()
+        metrics.REQUESTS.labels(*metrics.labels_of(key)).inc()
         if res is not None:
             res.requests += 1
         if not ok:
-            metrics.ERRORS.labels(*key).inc()
+            metrics.ERRORS.labels(*metrics.labels_of(key)).inc()
             if res is not None:
                 res.errors += 1
 

@@ -51,11 +51,36 @@ def check_pin_quota(registry, name: str) -> None:
         raise ApiError(409, f"tenant {tenant.name!r} may pin {tenant.limits.max_pins} adapters")
 
 
+def paged(ids: list[str], limit: int, after: str | None) -> tuple[slice, dict]:
+    """The page of ``ids`` after ``after`` (OpenAI's cursor style) and its list fields."""
+    start = 0
+    if after is not None:
+        try:
+            start = ids.index(after) + 1
+        except ValueError:
+            raise ApiError(400, f"after: no entry {after!r} in this list", param="after") from None
+    window = slice(start, start + limit)
+    shown = ids[window]
+    more = {"has_more": start + limit < len(ids), "first_id": shown[0] if shown else None,
+            "last_id": shown[-1] if shown else None}  # fmt: skip
+    return window, more
+
+
+def page_size(request: Request, limit: int | None) -> int:
+    return limit or runtime_of(request).settings.list_page_size
+
+
 @router.get("/v1/models", tags=["OpenAI"])
-async def list_models(request: Request) -> JSONResponse:
+async def list_models(
+    request: Request, limit: int | None = Query(None, ge=1, le=10_000), after: str | None = None
+) -> JSONResponse:
     """The base model, every adapter alias and every adapter version (``parent`` = base);
-    for a tenant's key, only what that key may use."""
-    return JSONResponse((await model_listing(request)).model_dump())
+    for a tenant's key, only what that key may use. Paged past ``list_page_size`` entries
+    (``limit``, ``after``: ``has_more`` and ``last_id`` say how to go on)."""
+    listing = await model_listing(request)
+    window, more = paged([c.id for c in listing.data], page_size(request, limit), after)
+    listing.data = listing.data[window]
+    return JSONResponse(listing.model_dump() | more)
 
 
 @router.get("/v1/models/{model_id:path}", tags=["OpenAI"])
@@ -104,10 +129,15 @@ async def unload_lora_adapter(body: UnloadAdapterRequest, request: Request) -> P
 
 
 @router.get("/admin/adapters", tags=["Adapters"])
-async def list_adapters(request: Request) -> dict:
+async def list_adapters(
+    request: Request, limit: int | None = Query(None, ge=1, le=10_000), after: str | None = None
+) -> dict:
+    """Adapters by name, with versions, alias and residency; paged like ``/v1/models``."""
+    registry = registry_of(request)
     principal = current()
-    listing = registry_of(request).listing()
-    return {"object": "list", "data": [a for a in listing if principal.may_use_adapter(a["name"])]}
+    names = [n for n in registry.names() if principal.may_use_adapter(n)]
+    window, more = paged(names, page_size(request, limit), after)
+    return {"object": "list", "data": [registry.describe(n) for n in names[window]], **more}
 
 
 @router.post("/admin/adapters", status_code=201, tags=["Adapters"])

@@ -344,11 +344,11 @@
       $("#traffic-updated").textContent = `updated ${localTime(Date.now() / 1000).slice(11)}`;
       if (!rows.length) { root.replaceChildren(empty("no traffic yet")); return; }
       root.replaceChildren(table(
-        ["model", "adapter", "version", "requests", "errors", "prompt tok", "gen tok", "p50", "mean", "TTFT p50"],
+        ["model", "adapter", "version", "requests", "unfinished", "prompt tok", "gen tok", "p50", "mean", "TTFT p50"],
         rows.map((r) => el("tr", { dataset: { trafficModel: r.model } },
           el("th", { scope: "row" }, dash(r.model)), el("td", {}, dash(r.adapter)), el("td", {}, dash(r.version)),
           el("td", { className: "num" }, count(r.requests)),
-          el("td", { className: r.errors ? "num err-text" : "num" }, count(r.errors)),
+          el("td", { className: r.unfinished ? "num err-text" : "num" }, count(r.unfinished)),
           el("td", { className: "num" }, count(r.prompt_tokens)), el("td", { className: "num" }, count(r.generation_tokens)),
           el("td", { className: "num" }, seconds(r.latency_p50_s)), el("td", { className: "num" }, seconds(r.latency_mean_s)),
           el("td", { className: "num" }, seconds(r.ttft_p50_s)))), "traffic"));
