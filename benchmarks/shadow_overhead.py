@@ -81,15 +81,19 @@ async def round_(url: str, concurrency: int, requests: int, tokens: int, gap: fl
 
 
 def series(url: str) -> dict[str, float]:
-    """Shadow outcomes, shadows pending, and vLLM's requests running or waiting."""
+    """Shadow outcomes, shadows pending, and vLLM's requests running or waiting (BentoML adds
+    a ``pid`` label to every series)."""
     text = httpx.get(f"{url}/metrics", timeout=30).text
-    found = {m[1]: float(m[2]) for m in re.finditer(
-        r'^loraswap_shadow_runs_total\{outcome="(\w+)"\} ([0-9.e+]+)$', text, re.M)}  # fmt: skip
-    found["pending"] = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                           if line.startswith("loraswap_shadow_pending "))  # fmt: skip
-    found["engine"] = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                          if line.startswith(("vllm:num_requests_running{",
-                                              "vllm:num_requests_waiting{")))  # fmt: skip
+    found: dict[str, float] = {"pending": 0.0, "engine": 0.0}
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name.startswith("loraswap_shadow_runs_total{"):
+            outcome = re.search(r'outcome="(\w+)"', name)[1]
+            found[outcome] = found.get(outcome, 0.0) + float(value)
+        elif name.startswith("loraswap_shadow_pending{"):
+            found["pending"] += float(value)
+        elif name.startswith(("vllm:num_requests_running{", "vllm:num_requests_waiting{")):
+            found["engine"] += float(value)
     return found
 
 
@@ -141,7 +145,7 @@ async def measure(url: str, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")],
+    parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",") if x],
                         default=[1, 8])  # fmt: skip
     parser.add_argument("--requests", type=int, default=48)
     parser.add_argument("--tokens", type=int, default=32)

@@ -363,14 +363,14 @@ def test_model_and_adapter_lists_page_with_limit_and_after(server, client):
     for path, key in (("/v1/models", "id"), ("/admin/adapters", "name")):
         seen, after = [], None
         while True:
-            query = "?limit=2" + (f"&after={after}" if after else "")
+            query = "?limit=1" + (f"&after={after}" if after else "")
             page = admin(server, "GET", path + query).json()
-            assert len(page["data"]) <= 2
+            assert len(page["data"]) == 1
             seen += [item[key] for item in page["data"]]
             if not page["has_more"]:
                 break
             after = page["last_id"]
         assert seen == [item[key] for item in admin(server, "GET", path).json()["data"]]
-        assert len(seen) > 2
+        assert len(seen) >= 2  # several pages were walked
         resp = admin(server, "GET", f"{path}?after=no-such-entry")
         assert resp.status_code == 400 and resp.json()["error"]["param"] == "after"

@@ -9,6 +9,7 @@ Set ``LORASWAP_CONSOLE_SHOTS=docs`` to write the screenshots the README shows.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import httpx
@@ -54,6 +55,10 @@ def console(tenanted):
     for text in ("Name a fruit.", "Say hello."):
         admin(tenanted, "POST", "/v1/chat/completions", json={"model": DEMO, "max_tokens": 12,
               "temperature": 0, "messages": [{"role": "user", "content": text}]})  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not admin(tenanted, "GET", f"/admin/comparisons?adapter={DEMO}")["data"]:
+        assert time.monotonic() < deadline, "the shadow answers were not stored"
+        time.sleep(0.5)
     yield tenanted
     admin(tenanted, "DELETE", f"/admin/adapters/{DEMO}")
 
@@ -80,14 +85,18 @@ def test_console_lists_streams_and_guards_admin_actions(browser, console, tmp_pa
     card = page.locator(f"#adapters [data-adapter='{DEMO}']")
     expect(card.locator("tr[data-version='v1']")).to_contain_text("engine")  # it served traffic
     expect(page.locator(f"#traffic tr[data-traffic-model='{DEMO}@v1']")).to_be_visible()
-    expect(page.locator(f"#comparisons [data-comparison='{DEMO}']")).to_be_visible(timeout=60_000)
+    expect(page.locator(f"#comparisons [data-comparison='{DEMO}']")).to_be_visible()
     expect(page.locator("#server")).to_contain_text(BASE_MODEL)
     if shots():
-        page.screenshot(path=str(shots() / "console-desktop.png"), full_page=False)
+        page.locator("#adapters-section").screenshot(path=str(shots() / "console-adapters.png"))
+        for section in ("traffic", "comparisons"):
+            page.locator(f"#{section}-section").screenshot(
+                path=str(shots() / f"console-{section}.png")
+            )
 
-    # the canary weight: refused without the admin key, changed with it
-    page.fill("#api-key", "")
-    page.click("#save-key")
+    # the canary weight: refused without the admin key (the page's key dropped, as by another
+    # tab), changed with it
+    page.evaluate("sessionStorage.removeItem('loraswap.key')")
     card.locator("[data-role=canary-version]").select_option("v2")
     card.locator("[data-role=canary-weight]").fill("0.25")
     card.locator("[data-action=set-canary]").click()
@@ -134,7 +143,9 @@ def test_console_lists_streams_and_guards_admin_actions(browser, console, tmp_pa
     phone.goto(f"{console.url}/console")
     phone.fill("#api-key", ROOT_KEY)
     phone.click("#save-key")
-    expect(phone.locator(f"#adapters [data-adapter='{DEMO}']")).to_be_visible()
+    phone_card = phone.locator(f"#adapters [data-adapter='{DEMO}']")
+    expect(phone_card).to_be_visible()
+    expect(phone.locator("#status")).to_have_text("ok")
     assert phone.evaluate("document.documentElement.scrollWidth") <= 375
-    phone.screenshot(path=str((shots() or tmp_path) / "console-phone.png"))
+    phone_card.screenshot(path=str((shots() or tmp_path) / "console-phone.png"))
     assert errors == [], errors

@@ -170,12 +170,14 @@ class Catalog:
         ``attempts`` conflicts in a row: ApiError 409. Callers hold their lock."""
         for attempt in range(self.attempts):
             latest = await self.fetch()
+            expected = latest.revision
+            state = latest  # a fresh parse: ours to change, unless adopted as the current state
             if latest.revision != self.state.revision:
                 await on_newer(latest)
-            state = latest.model_copy(deep=True)
+                state = latest.model_copy(deep=True)
             result = await mutate(state)
-            state.revision = latest.revision + 1
-            if await asyncio.to_thread(self.store.save_if, state, latest.revision):
+            state.revision = expected + 1
+            if await asyncio.to_thread(self.store.save_if, state, expected):
                 self.state = state
                 return result
             await asyncio.sleep(random.uniform(0, 0.01 * 2**attempt))  # de-synchronise rivals

@@ -214,7 +214,7 @@ async def audit(
     request: Request,
     adapter: str | None = None,
     limit: int = Query(50, ge=1, le=1000),
-    before: int | None = None,
+    before: int | None = Query(None, ge=1, le=2**62, description="entries older than this id"),
 ) -> dict:
     """Registry changes, newest first: who (tenant or admin, key id), when, what."""
     log = registry_of(request).audit

@@ -154,6 +154,11 @@ class ShadowRunner:
             await self.pipeline.call_vllm(job.path, job.body, None)
             registry.record_request(job.shadow, ok=True)
         except ApiError as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # aborted for a client: vLLM answers a cancelled request with an error
+                # ("Client disconnected"); it is a preemption, not the shadow's failure
+                raise asyncio.CancelledError from None
             error = exc.message
             registry.record_request(job.shadow, ok=False)
         finally:
