@@ -284,3 +284,13 @@ def test_commit_gives_409_when_the_conflict_persists(tmp_path):
     assert seen == [0, 1, 2]
     final = rival.load()
     assert final.revision == 3 and "mine" not in final.adapters
+
+
+def test_stored_revision_reads_the_head_and_falls_back_to_a_parse(tmp_path):
+    store = CatalogStore(str(tmp_path / "registry.json"))
+    assert store.stored_revision() == 0  # no document yet
+    store.save(state_with(sql=["v1"]).model_copy(update={"revision": 41}))
+    assert store.stored_revision() == 41
+    # written by another tool, fields in another order: still right (a full parse)
+    (tmp_path / "registry.json").write_text('{"adapters": {}, "revision": 7}')
+    assert store.stored_revision() == 7

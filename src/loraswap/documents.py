@@ -11,6 +11,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ from pydantic import BaseModel
 from .atomic import write_atomic
 
 Doc = TypeVar("Doc", bound=BaseModel)
+REVISION_HEAD = re.compile(rb'\s*\{\s*"revision"\s*:\s*(\d+)\s*[,}]')
 
 
 class DocumentStore(Generic[Doc]):
@@ -65,6 +67,17 @@ class DocumentStore(Generic[Doc]):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(self.path, data)
 
+    def stored_revision(self) -> int:
+        """The stored document's revision, read from its head (``revision`` is the first field
+        of every document written here), without parsing the whole document."""
+        try:
+            with self.path.open("rb") as f:
+                head = f.read(64)
+        except FileNotFoundError:
+            return self.schema().revision
+        match = REVISION_HEAD.match(head)
+        return int(match[1]) if match else self.load().revision
+
     def save_if(self, state: Doc, expected_revision: int) -> bool:
         """Write ``state`` only if the stored document is still at ``expected_revision`` (the one
         ``state`` was derived from); False if another writer got there first."""
@@ -84,7 +97,7 @@ class DocumentStore(Generic[Doc]):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             with _flocked(self.path.with_name(self.path.name + ".lock"), self.lock_timeout):
-                if self.load().revision != expected:
+                if self.stored_revision() != expected:
                     return False
                 write_atomic(self.path, data)
                 return True
