@@ -240,7 +240,7 @@ def test_concurrent_first_requests_share_one_load(server, adapter_root, base_sha
         return [r.model for r in results]
 
     assert asyncio.run(burst()) == ["jit@v1"] * 6
-    assert metric(server, "loraswap_adapter_load_seconds_count", adapter="jit") == 1
+    assert metric(server, "loraswap_adapter_loads_total", adapter="jit") == 1
     assert metric(server, "loraswap_adapter_requests_total", adapter="jit") == 6
 
 
@@ -271,7 +271,7 @@ def test_per_adapter_metrics(server, client):
         "loraswap_adapter_requests_total",
         "loraswap_adapter_prompt_tokens_total",
         "loraswap_adapter_generation_tokens_total",
-        "loraswap_adapter_load_seconds_count",
+        "loraswap_adapter_loads_total",
         "loraswap_adapter_resident",
     ):
         assert metric(server, series, adapter="uppercase", version="v1") > 0, series

@@ -24,10 +24,12 @@ PROMPT_TOKENS = Counter("loraswap_adapter_prompt_tokens", "Prompt tokens per ada
 GENERATION_TOKENS = Counter(
     "loraswap_adapter_generation_tokens", "Generated tokens per adapter.", LABELS
 )
+LOADS = Counter("loraswap_adapter_loads", "Loads into the engine per adapter version.", LABELS)
+# One histogram for all adapters (per-version buckets would dominate /metrics with many
+# adapters; each version's last load time is in /admin/adapters).
 LOAD_SECONDS = Histogram(
     "loraswap_adapter_load_seconds",
-    "Time to load an adapter into the engine.",
-    LABELS,
+    "Time to load an adapter into the engine (all adapters).",
     buckets=(0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30),
 )
 RESIDENT = Gauge(

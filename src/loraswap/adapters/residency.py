@@ -159,7 +159,8 @@ class Residency:
         res.load_seconds = time.perf_counter() - started
         res.loaded_at = time.time()
         self.lru[key] = None
-        metrics.LOAD_SECONDS.labels(*metrics.labels_of(key)).observe(res.load_seconds)
+        metrics.LOAD_SECONDS.observe(res.load_seconds)
+        metrics.LOADS.labels(*metrics.labels_of(key)).inc()
         metrics.set_resident(key, True)
         logger.info("loaded adapter %s in %.3fs", key, res.load_seconds)
 
