@@ -272,9 +272,13 @@ def test_usage_matches_the_responses_and_survives_in_the_ledger(tenanted, world)
     assert counted == expected
     mine = ok(call(tenanted, "GET", "/admin/usage", world["acme-admin"]))["data"]
     assert mine and {r["tenant"] for r in mine} == {"acme"}  # a tenant admin sees its own only
-    metrics = call(tenanted, "GET", "/metrics", ROOT_KEY).text
     series = 'loraswap_tenant_tokens_total{kind="completion",model="beta-json@v1",tenant="delta"}'
-    assert series in metrics  # BentoML's multiprocess collector sorts the labels
+    deadline = time.monotonic() + 15
+    while series not in (metrics := call(tenanted, "GET", "/metrics", ROOT_KEY).text):
+        if time.monotonic() > deadline:  # BentoML's multiprocess collector sorts the labels
+            tenant_lines = [x for x in metrics.splitlines() if x.startswith("loraswap_tenant")]
+            raise AssertionError(f"{series} not in /metrics: {tenant_lines}")
+        time.sleep(0.5)
 
 
 def test_batch_token_budget_per_day(tenanted, world):

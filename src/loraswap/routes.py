@@ -106,7 +106,7 @@ ROUTES: tuple[Route, ...] = (
     Route("/ping", ("GET", "POST"), "health", "SageMaker health", vllm=True),
     Route("/metrics", ("GET",), "metrics", "Prometheus (BentoML, vLLM, loraswap series)"),
     Route("/console", ("GET",), "open", "operator console (data needs a key where keys are set)"),
-    Route("/console/{asset}", ("GET",), "open", "the console's script and style"),
+    Route("/console/{name}", ("GET",), "open", "the console's script and style"),
     Route("/docs", ("GET",), "open", "Swagger UI"),
     Route("/docs.json", ("GET",), "open", "OpenAPI document"),
     Route("/", ("GET",), "open", "BentoML index"),
