@@ -5,8 +5,8 @@
 
 Starts loraswap (default settings) on a free loopback port, registers ``uppercase@v2`` (the
 json adapter's weights, so the shadow really computes another answer), and drives streamed chat
-requests to the ``uppercase`` alias (``--tokens`` each, EOS ignored) in alternating rounds: no
-shadow, 100 % shadow, no shadow, 100 % shadow. Loads: closed loops of each ``--concurrency``
+requests to the ``uppercase`` alias (``--tokens`` each, EOS ignored) in ``--pairs`` alternating
+pairs of rounds: no shadow, then a 100 % shadow. Loads: closed loops of each ``--concurrency``
 (clients sending back to back: no idle engine), and an open loop (Poisson arrivals, mean gap
 ``--open-gap`` seconds: the engine idles between requests, as most real traffic lets it).
 Reports per round the primary's TTFT p50/p99 and output tokens/s, and the shadow runs done
@@ -118,7 +118,7 @@ async def measure(url: str, args: argparse.Namespace) -> dict:
     loads = [(c, 0.0, args.requests) for c in args.concurrency]
     loads += [(1, args.open_gap, args.open_requests)] if args.open_gap > 0 else []
     for concurrency, gap, requests in loads:
-        for rate in (0.0, 1.0, 0.0, 1.0):
+        for rate in (0.0, 1.0) * args.pairs:
             async with httpx.AsyncClient(timeout=60) as http:
                 alias = {"version": "v1", "shadow_version": "v2" if rate else None,
                          "shadow_rate": rate}  # fmt: skip
@@ -151,6 +151,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--open-gap", type=float, default=2.0, help="0: no open-loop rounds")
     parser.add_argument("--open-requests", type=int, default=24)
+    parser.add_argument("--pairs", type=int, default=2, help="rounds without, then with a shadow")
     measure_on_loraswap("shadow", measure, parser.parse_args())
 
 

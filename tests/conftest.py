@@ -100,9 +100,11 @@ def server(tmp_path_factory: pytest.TempPathFactory, adapter_root: Path, s3: dic
 ROOT_KEY = "root-key-1"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def tenanted(tmp_path_factory: pytest.TempPathFactory, adapter_root: Path, s3: dict):
-    """A real server with a global admin key (tenants, the console's admin actions)."""
+    """A real server with a global admin key (tenants, the console's admin actions); one per
+    module: each `bentoml serve` empties BentoML's shared Prometheus directory at start, so a
+    server kept across modules loses its series when a later module starts another."""
     state = tmp_path_factory.mktemp("tenanted")
     env = server_env(adapter_root, state, s3, LORASWAP_ADMIN_API_KEYS=ROOT_KEY)
     srv = Server(state / "serve.log", env=env).start()
