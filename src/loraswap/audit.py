@@ -8,13 +8,12 @@ dropped, so the file stays bounded.
 from __future__ import annotations
 
 import json
-import sqlite3
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .sqlite_file import SqliteFile
 from .tenants import current
 
 SCHEMA = """
@@ -26,20 +25,10 @@ CREATE INDEX IF NOT EXISTS audit_adapter ON audit (adapter, id);
 """
 
 
-class AuditLog:
+class AuditLog(SqliteFile):
     def __init__(self, state_dir: Path, keep: int = 100_000) -> None:
-        self.path = Path(state_dir) / "audit.sqlite"
+        super().__init__(Path(state_dir) / "audit.sqlite", SCHEMA)
         self.keep = keep
-        self._lock = threading.Lock()
-        self._db: sqlite3.Connection | None = None
-
-    def _conn(self) -> sqlite3.Connection:
-        if self._db is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.executescript(SCHEMA)
-        return self._db
 
     def record(self, action: str, adapter: str, detail: dict[str, Any]) -> None:
         """One change, by the caller of the current request."""
@@ -82,9 +71,3 @@ class AuditLog:
                 if len(out) >= limit:
                     break
         return out
-
-    def close(self) -> None:
-        with self._lock:
-            if self._db is not None:
-                self._db.close()
-                self._db = None

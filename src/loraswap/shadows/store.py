@@ -7,13 +7,14 @@ per (adapter, primary version, shadow version) pair, scoped to what the caller m
 from __future__ import annotations
 
 import sqlite3
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from statistics import median
 from typing import Any
+
+from ..sqlite_file import SqliteFile
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS comparisons (
@@ -57,21 +58,11 @@ class Comparison:
         return self.shadow_error is None and self.primary_text == self.shadow_text
 
 
-class ComparisonStore:
+class ComparisonStore(SqliteFile):
     def __init__(self, state_dir: Path, retention_days: float, max_records: int) -> None:
-        self.path = Path(state_dir) / "shadows.sqlite"
+        super().__init__(Path(state_dir) / "shadows.sqlite", SCHEMA)
         self.retention_s = retention_days * 86400
         self.max_records = max_records
-        self._lock = threading.Lock()
-        self._db: sqlite3.Connection | None = None
-
-    def _conn(self) -> sqlite3.Connection:
-        if self._db is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.executescript(SCHEMA)
-        return self._db
 
     def add(self, c: Comparison) -> int:
         row = asdict(c) | {"created": time.time(), "identical": int(c.identical)}
@@ -120,12 +111,6 @@ class ComparisonStore:
                 key = (row["adapter"], row["primary_version"], row["shadow_version"])
                 pairs.setdefault(key, []).append(row)
         return [summary(key, group) for key, group in sorted(pairs.items())]
-
-    def close(self) -> None:
-        with self._lock:
-            if self._db is not None:
-                self._db.close()
-                self._db = None
 
 
 def summary(key: tuple[str, str, str], rows: list[dict[str, Any]]) -> dict[str, Any]:
