@@ -262,11 +262,11 @@ class Bench:
             # what `auto` chose on this machine, and why (the settings below are resolved)
             "auto_choices": {
                 name: {"value": c.value, "reason": c.reason}
-                for name, c in engine_choices(self.settings, is_cpu_build()).items()
+                for name, c in engine_choices(self.settings, is_cpu_build(), self.model_dir).items()
             },
             "settings": {
                 k: v
-                for k, v in resolved(self.settings).model_dump(mode="json").items()
+                for k, v in resolved(self.settings, self.model_dir).model_dump(mode="json").items()
                 if k
                 in (
                     "dtype",
@@ -276,6 +276,7 @@ class Bench:
                     "max_loras",
                     "max_lora_rank",
                     "max_cpu_loras",
+                    "adapter_memory_gib",
                     "kv_cache_space_gib",
                     "enforce_eager",
                     "vllm_args",

@@ -34,7 +34,7 @@ from servers import BIN, ROOT, ServerProcess
 
 sys.path.insert(0, str(ROOT))
 from loraswap.config import Settings
-from loraswap.engine import engine_cli_args
+from loraswap.engine import engine_cli_args, resolved
 from loraswap.machine import read_cpu
 from tests.adapter_factory import write_adapter
 
@@ -203,6 +203,9 @@ async def run_system(system: str, work: Path, root: Path, names: list[str], args
             "metrics_kib": round(len(metrics) / 1024, 1),
             "models_kib": round(len(models) / 1024, 1),
             "adapter_loads": metric_sum(metrics, "loraswap_adapter_load_seconds_count"),
+            "adapter_load_seconds": round(
+                metric_sum(metrics, "loraswap_adapter_load_seconds_sum"), 2
+            ),
             "adapter_evictions": metric_sum(metrics, "loraswap_adapter_evictions_total"),
         }  # fmt: skip
     finally:
@@ -233,9 +236,12 @@ def main() -> None:
                 run_system(system, work, args.adapter_dir, names, args)
             )
             print(json.dumps(runs[f"{system}/{count}"], indent=2), file=sys.stderr)
-    settings = Settings()
+    import bentoml
+
+    sized = resolved(Settings(), bentoml.models.get(model_tag()).path)
     result = {"started": started.isoformat(timespec="seconds"), "cpu": read_cpu().fingerprint(),
-              "slots": {"max_loras": settings.max_loras, "max_cpu_loras": settings.max_cpu_loras},
+              "slots": {"max_loras": sized.max_loras, "max_cpu_loras": sized.max_cpu_loras,
+                        "adapter_memory_gib": sized.adapter_memory_gib, "dtype": sized.dtype},
               "args": {k: str(v) for k, v in vars(args).items()}, "runs": runs}  # fmt: skip
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"many-{started:%Y%m%dT%H%M%SZ}.json"

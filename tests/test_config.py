@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from loraswap.adapters import sizing
 from loraswap.cli import settings_table
 from loraswap.config import Settings
 from loraswap.engine import engine_cli_args, parse_engine_args
@@ -70,7 +71,7 @@ def test_settings_reach_vllm_through_its_own_parser():
     assert args.model == "/models/x"
     assert args.served_model_name == ["smollm2-135m-instruct"]
     assert args.enable_lora and args.max_loras == 2 and args.max_lora_rank == 8
-    assert args.max_cpu_loras == 8 and args.enable_prefix_caching
+    assert args.max_cpu_loras == sizing.HOST_COUNT_CAP and args.enable_prefix_caching
     assert "--enable-lora" not in engine_cli_args(Settings(_env_file=None, enable_lora=False), "m")
 
 

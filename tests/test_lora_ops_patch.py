@@ -568,30 +568,56 @@ def _shrink_expand(x, a, b, idx, dtype):
     return buf, y
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_row_result_does_not_depend_on_the_rest_of_the_batch(dtype: torch.dtype):
-    """Every dtype the choice table picks: alone, with the same adapter, or mixed with base
-    rows and other adapters, a row gets the same arithmetic (one dtype path per row).
+def _gemm_rows_invariant(dtype: torch.dtype) -> bool:
+    """Whether this CPU's GEMM gives each row the same bits at every multiple of
+    ``MIN_ROWS`` rows (what the ops' exactness rests on; true on the AVX-512 machines measured).
+    Where it is not, rows can only agree to the dtype's rounding, and the test says so."""
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(576, 16, generator=g).to(dtype)
+    x = torch.randn(64, 576, generator=g).to(dtype)
+    rows = lora_kernels.MIN_ROWS
+    first = x[:rows] @ w
+    return all(torch.equal((x[:m] @ w)[:rows], first) for m in range(rows, 65, rows))
 
-    In bf16 the rows are bitwise equal; in fp32 the GEMM's blocking may still move the last
-    bits with the batch size, so they agree to fp32 rounding — far below a bf16 ulp, which is
-    what an fp32-vs-bf16 path split produced (differences ~1e-2)."""
+
+def _equal_to_rounding(got: torch.Tensor, want: torch.Tensor) -> bool:
+    import warnings
+
+    warnings.warn(
+        "this CPU's GEMM rounding moves with the row count: rows checked to rounding",
+        stacklevel=2,
+    )
+    return torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize(
+    "mixed",
+    [
+        [3, 0, 1, -1, 2, 3, 5, 7] * 4,  # decode-like: few rows per slot
+        [3] * 12 + [0, -1, 5] + [7] * 9 + [-1] * 4 + [3] * 4,  # prefill-like: long runs
+        list(range(8)) * 4,  # every slot, none base
+    ],
+    ids=["few-rows-per-slot", "long-runs", "every-slot"],
+)
+def test_row_result_does_not_depend_on_the_rest_of_the_batch(dtype: torch.dtype, mixed: list):
+    """Every dtype the choice table picks: alone, with the same adapter, or mixed with base
+    rows and other adapters, a row's result is bitwise the same (one arithmetic path per row:
+    the same matrix form, and at least ``MIN_ROWS`` rows per product, since MKL's fp32 GEMM
+    rounds differently for 1-5 rows)."""
     g = torch.Generator().manual_seed(3)
     slots, hidden, out = 8, 576, 1536
     a = (torch.randn(slots, 1, RANK, hidden, generator=g) * 0.05).to(dtype)
     b = (torch.randn(slots, 1, out, RANK, generator=g) * 0.05).to(dtype)
     x = torch.randn(32, hidden, generator=g).to(dtype)
-    mixed = torch.tensor([3, 0, 1, -1, 2, 3, 5, 7] * 4)
-    _, y_mixed = _shrink_expand(x, a, b, mixed, dtype)
+    mixed_t = torch.tensor(mixed)
+    _, y_mixed = _shrink_expand(x, a, b, mixed_t, dtype)
     _, y_same = _shrink_expand(x, a, b, torch.full((32,), 3), dtype)
-    exact = dtype == torch.bfloat16
-    for r, slot in enumerate(mixed.tolist()):
-        _, y_solo = _shrink_expand(x[r : r + 1], a, b, mixed[r : r + 1], dtype)
-        pairs = [(y_solo[0], y_mixed[r])] + ([(y_same[r], y_mixed[r])] if slot == 3 else [])
-        for got, want in pairs:
-            if exact:
-                assert torch.equal(got, want), (r, slot)
-            else:
-                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    same = torch.equal if _gemm_rows_invariant(dtype) else _equal_to_rounding
+    for r, slot in enumerate(mixed):
+        _, y_solo = _shrink_expand(x[r : r + 1], a, b, mixed_t[r : r + 1], dtype)
+        assert same(y_solo[0], y_mixed[r]), (r, slot)
+        if slot == 3:
+            assert same(y_same[r], y_mixed[r]), r
         if slot < 0:
             assert not y_mixed[r].any()

@@ -185,3 +185,30 @@ def test_metric_labels_are_bounded(monkeypatch):
     metrics.set_resident(keys[0], True)
     metrics.set_resident(keys[0], True)
     assert metrics.RESIDENT.labels("bounded-0", "v1")._value.get() == 1
+
+
+def test_host_tier_is_bounded_in_bytes_and_pins_stay():
+    """With a byte budget, loaded adapters leave least recently used first once their bytes
+    would pass it; the count capacity still applies; pins stay even over the budget."""
+    sizes = {"a0": 40, "a1": 30, "a2": 50, "a3": 20, "a4": 100}
+    engine = FakeEngine()
+    pins: set[AdapterKey] = set()
+    res = Residency(engine, 10, lambda: pins, host_bytes=100, size_of=lambda p: sizes[p.name])
+    for i, key in enumerate(KEYS):
+        res.expose(key, i + 1, Path(f"/adapters/{key.name}"))
+
+    async def scenario():
+        for key in KEYS[:3]:  # 40 + 30 = 70, then 50 more would be 120: a0 leaves
+            await res.ensure_loaded(key)
+        assert list(res.lru) == [KEYS[1], KEYS[2]] and res.loaded_bytes == 80
+        await res.ensure_loaded(KEYS[3])  # 100 exactly: fits
+        assert res.loaded_bytes == 100 and len(res.lru) == 3
+        assert res.facts(KEYS[3])["bytes"] == 20 and res.facts(KEYS[0])["bytes"] is None
+        pins.add(KEYS[3])
+        await res.ensure_loaded(KEYS[4])  # 100 bytes: everything unpinned leaves
+        assert set(res.lru) == {KEYS[3], KEYS[4]} and res.loaded_bytes == 120
+        await res.forget(KEYS[4])
+        assert res.loaded_bytes == 20
+
+    run(scenario())
+    assert engine.loaded == {KEYS[3]}

@@ -120,16 +120,32 @@ class Settings(BaseSettings):
 
     # --- LoRA -------------------------------------------------------------------------
     enable_lora: bool = Field(True, description="Serve LoRA adapters.")
-    max_loras: int = Field(
-        8,
+    max_loras: int | None = Field(
+        None,
         ge=1,
         description=(
             "Adapters resident in one engine batch (slots). Requests for more distinct adapters "
-            "than this wait for a slot, so size it to the adapters in concurrent use."
+            "than this wait for a slot. Empty: sized at start from `adapter_memory_gib` (up to "
+            "16 slots in half of it)."
         ),
     )
     max_lora_rank: int = Field(16, ge=1, description="Highest adapter rank accepted.")
-    max_cpu_loras: int = Field(8, ge=1, description="Adapters cached in host memory.")
+    max_cpu_loras: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Most adapters kept loaded in the engine's host memory. Empty: no count limit; "
+            "`adapter_memory_gib` bounds them in bytes."
+        ),
+    )
+    adapter_memory_gib: float = Field(
+        2.0,
+        gt=0,
+        description=(
+            "Memory for adapters: the engine's slots, then a host tier of loaded adapters "
+            "(least recently used leave first) in the rest. Printed at start."
+        ),
+    )
     adapter_roots: list[Path] = Field(
         default_factory=lambda: [Path("adapters")],
         description="Directories local adapters may be loaded from (JSON list).",
@@ -279,7 +295,11 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _lora_bounds(self) -> Settings:
-        if self.enable_lora and self.max_cpu_loras < self.max_loras:
+        if (
+            self.enable_lora
+            and self.max_cpu_loras is not None
+            and self.max_cpu_loras < (self.max_loras or 1)
+        ):
             raise ValueError("max_cpu_loras must be >= max_loras")
         return self
 

@@ -23,15 +23,20 @@ def is_cpu_build() -> bool:
     return vllm_compat.current_platform.is_cpu()
 
 
-def resolved(settings: Settings) -> Settings:
-    """``settings`` with its ``auto`` engine values chosen for this machine."""
-    choices = engine_choices(settings, is_cpu_build())
-    return settings.model_copy(update={k: c.value for k, c in choices.items()})
+def resolved(settings: Settings, model_path: str | None = None) -> Settings:
+    """``settings`` with its ``auto`` engine values chosen for this machine (and for the base
+    model at ``model_path``: adapter memory is sized from its shapes)."""
+    return with_choices(settings, engine_choices(settings, is_cpu_build(), model_path))
+
+
+def with_choices(settings: Settings, choices: dict[str, Choice]) -> Settings:
+    fields = type(settings).model_fields
+    return settings.model_copy(update={k: c.value for k, c in choices.items() if k in fields})
 
 
 def engine_cli_args(settings: Settings, model_path: str) -> list[str]:
     """The ``vllm serve`` command line equivalent to ``settings`` (``auto`` resolved)."""
-    settings = resolved(settings)
+    settings = resolved(settings, model_path)
     args = [
         "--model", model_path,
         "--served-model-name", settings.served_model_name,
@@ -88,16 +93,18 @@ class Engine:
         self.model_path = model_path
         self.args: Namespace | None = None
         self.choices: dict[str, Choice] = {}
+        self.resolved = settings  # with the ``auto`` values chosen, once started
         self.client: EngineClient | None = None
         self._stack = AsyncExitStack()
 
     async def start(self) -> EngineClient:
         export_cpu_env(self.settings)
         vllm_compat.check_version()
-        self.choices = engine_choices(self.settings, is_cpu_build())
+        self.choices = engine_choices(self.settings, is_cpu_build(), self.model_path)
         for name, choice in self.choices.items():
             logger.info("engine %s = %s (%s)", name, choice.value, choice.reason)
-        self.args = parse_engine_args(self.settings, self.model_path)
+        self.resolved = with_choices(self.settings, self.choices)
+        self.args = parse_engine_args(self.resolved, self.model_path)
         logger.info("starting vLLM engine for %s", self.model_path)
         self.client = await self._stack.enter_async_context(
             vllm_compat.build_async_engine_client(self.args)

@@ -131,13 +131,27 @@ def choose_dtype(caps: CpuCaps | None, requested: str, batch_invariant: bool = T
     )  # fmt: skip
 
 
-def engine_choices(settings: Settings, cpu_build: bool) -> dict[str, Choice]:
-    """Every engine setting that ``auto`` resolves on this machine, with why."""
+def engine_choices(
+    settings: Settings, cpu_build: bool, model_path: str | None = None
+) -> dict[str, Choice]:
+    """Every engine setting that ``auto`` resolves on this machine, with why. Adapter memory
+    is sized from the base model's shapes when ``model_path`` holds its weights."""
+    from .adapters import sizing
+    from .adapters.validation import BaseModelShapes
     from .chat_templates import chat_template_choice, tool_parser_choice
 
     caps = read_cpu() if cpu_build else None
+    dtype = choose_dtype(caps, settings.dtype, settings.batch_invariant)
+    shapes = None
+    if model_path and settings.enable_lora:
+        try:
+            shapes = BaseModelShapes.from_checkpoint(model_path)
+        except (OSError, ValueError):
+            shapes = None
+    lora = sizing.choices(settings, shapes, str(dtype.value)) if settings.enable_lora else {}
     return {
-        "dtype": choose_dtype(caps, settings.dtype, settings.batch_invariant),
+        "dtype": dtype,
+        **lora,
         "chat_template": Choice(*chat_template_choice(settings)),
         "tool_call_parser": Choice(*tool_parser_choice(settings)),
     }

@@ -61,6 +61,7 @@ async def build_runtime(app: Any, settings: Settings, engine: Engine) -> Runtime
     from .engine import is_cpu_build
     from .openai_api import attach_engine
 
+    settings = engine.resolved  # ``auto`` values (dtype, slots, host tier) as chosen at start
     quiet_vllm_client_errors()
     metrics.labels_of.limit = settings.metrics_adapter_series
     client = engine.client
@@ -75,7 +76,11 @@ async def build_runtime(app: Any, settings: Settings, engine: Engine) -> Runtime
     if settings.enable_lora:
         slots = VllmAdapterEngine(client, handlers.models, settings.served_model_name)
         shapes = BaseModelShapes.from_checkpoint(engine.model_path)
-        registry = AdapterRegistry(settings, shapes, slots, AuditLog(settings.state_dir))
+        host = engine.choices.get("adapter_host_bytes")
+        registry = AdapterRegistry(
+            settings, shapes, slots, AuditLog(settings.state_dir),
+            host_bytes=host.value if host else None,
+        )  # fmt: skip
         await registry.restore()
         if settings.preload_adapters and settings.adapter_roots:
             await registry.preload(settings.adapter_roots[0])

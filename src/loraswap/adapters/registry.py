@@ -16,6 +16,7 @@ from typing import Any
 from ..audit import AuditLog
 from ..config import Settings
 from ..errors import ApiError
+from . import sizing
 from .catalog import AdapterRecord, AliasRecord, Catalog, CatalogState, CatalogStore, VersionRecord
 from .keys import AdapterKey
 from .residency import AdapterEngine, Residency
@@ -34,6 +35,7 @@ class AdapterRegistry:
         shapes: BaseModelShapes,
         engine: AdapterEngine,
         audit: AuditLog | None = None,
+        host_bytes: int | None = None,
     ) -> None:
         self.settings = settings
         self.audit = audit
@@ -42,7 +44,13 @@ class AdapterRegistry:
         self.catalog = Catalog(
             CatalogStore(settings.registry_uri, settings.fsspec_storage_options), self.base_name
         )
-        self.residency = Residency(engine, settings.max_cpu_loras, self.catalog.pinned_keys)
+        self.residency = Residency(
+            engine,
+            settings.max_cpu_loras or sizing.HOST_COUNT_CAP,
+            self.catalog.pinned_keys,
+            host_bytes=host_bytes,
+            size_of=lambda path: sizing.adapter_bytes(path, str(settings.dtype)),
+        )
         self._lock = asyncio.Lock()
         self._sync_task: asyncio.Task[None] | None = None
 
@@ -331,7 +339,7 @@ class AdapterRegistry:
         async with self._lock:
             record = self.catalog.record(name)
             if pinned and not record.pinned:
-                limit = self.settings.max_loras - 1
+                limit = (self.settings.max_loras or sizing.UNSIZED_SLOTS) - 1
                 if len(self.catalog.pinned_keys()) >= limit:
                     raise ApiError(409, f"at most {limit} adapters may be pinned (max_loras - 1)")
 

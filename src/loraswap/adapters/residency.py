@@ -1,6 +1,7 @@
-"""Adapter residency on this replica: which versions the engine can serve, which sit in its
-slots (LRU over ``capacity``, pins never evicted), one shared load per version, and per-version
-request counts. It talks to the engine only through the small :class:`AdapterEngine` interface,
+"""Adapter residency on this replica: which versions the engine can serve, which are loaded
+in its memory (least recently used leave first once ``capacity`` versions or ``host_bytes``
+bytes are loaded; pins never leave), one shared load per version, and per-version request
+counts. It talks to the engine only through the small :class:`AdapterEngine` interface,
 so it is tested against a fake engine.
 """
 
@@ -77,6 +78,7 @@ class Resident:
 
     path: Path
     loaded_at: float | None = None
+    bytes: int = 0
     load_seconds: float | None = None
     requests: int = 0
     errors: int = 0
@@ -86,10 +88,18 @@ class Resident:
 
 class Residency:
     def __init__(
-        self, engine: AdapterEngine, capacity: int, pinned: Callable[[], set[AdapterKey]]
+        self,
+        engine: AdapterEngine,
+        capacity: int,
+        pinned: Callable[[], set[AdapterKey]],
+        host_bytes: int | None = None,
+        size_of: Callable[[Path], int] = lambda path: 0,
     ) -> None:
         self.engine = engine
         self.capacity = capacity
+        self.host_bytes = host_bytes
+        self.size_of = size_of
+        self.loaded_bytes = 0
         self.pinned = pinned
         self.servable: dict[AdapterKey, Resident] = {}
         self.lru: OrderedDict[AdapterKey, None] = OrderedDict()
@@ -107,10 +117,11 @@ class Residency:
     async def forget(self, key: AdapterKey) -> None:
         """Stop serving ``key``: out of the slots and the serving layer."""
         loaded = key in self.lru
-        self.servable.pop(key, None)
+        res = self.servable.pop(key, None)
         self.broken.pop(key, None)
         if loaded:
             self.lru.pop(key)
+            self.loaded_bytes -= res.bytes if res else 0
             metrics.set_resident(key, False)
             with contextlib.suppress(Exception):
                 await self.engine.unload(key)
@@ -150,7 +161,8 @@ class Residency:
                 res.loading = None
 
     async def _load(self, key: AdapterKey, res: Resident) -> None:
-        await self._make_room()
+        res.bytes = self.size_of(res.path)
+        await self._make_room(res.bytes)
         started = time.perf_counter()
         try:
             await self.engine.load(key)
@@ -159,16 +171,23 @@ class Residency:
         res.load_seconds = time.perf_counter() - started
         res.loaded_at = time.time()
         self.lru[key] = None
+        self.loaded_bytes += res.bytes
         metrics.LOAD_SECONDS.observe(res.load_seconds)
         metrics.LOADS.labels(*metrics.labels_of(key)).inc()
         metrics.set_resident(key, True)
         logger.info("loaded adapter %s in %.3fs", key, res.load_seconds)
 
-    async def _make_room(self) -> None:
+    def _full(self, incoming: int) -> bool:
+        over_bytes = self.host_bytes is not None and self.loaded_bytes + incoming > self.host_bytes
+        return len(self.lru) >= self.capacity or (over_bytes and bool(self.lru))
+
+    async def _make_room(self, incoming: int = 0) -> None:
         pinned = self.pinned()
-        while len(self.lru) >= self.capacity:
+        while self._full(incoming):
             victim = next((k for k in self.lru if k not in pinned), None)
             if victim is None:
+                if len(self.lru) < self.capacity:
+                    return  # only pins are loaded: they stay, even over the byte budget
                 raise ApiError(503, "every adapter slot is pinned; unpin one")
             await self.evict(victim)
             metrics.EVICTIONS.labels(*metrics.labels_of(victim)).inc()
@@ -182,6 +201,7 @@ class Residency:
         res = self.servable.get(key)
         if res is not None:
             res.loaded_at = None
+            self.loaded_bytes -= res.bytes
         metrics.set_resident(key, False)
         logger.info("evicted adapter %s", key)
 
@@ -210,6 +230,7 @@ class Residency:
             "error": self.broken.get(key),
             "loaded_at": res.loaded_at if res else None,
             "load_seconds": res.load_seconds if res else None,
+            "bytes": res.bytes if res and res.loaded_at else None,
             "requests": res.requests if res else 0,
             "errors": res.errors if res else 0,
             "last_used": res.last_used if res else None,

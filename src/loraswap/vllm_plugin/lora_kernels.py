@@ -1,12 +1,12 @@
 """Faster CPU LoRA ops for vLLM, with the index -1 fix built in.
 
 vLLM's torch ops (``vllm.lora.ops.torch_ops.lora_ops``) gather a full copy of the adapter
-weights for every token and run one tiny matmul per token. These do one matmul per op (against
-all adapter slots stacked and masked per row when adapters mix), and no work at all when no row
-has an adapter (base-only traffic with LoRA enabled) or the rows' slots hold zeros (modules an
-adapter does not target). Measurements: docs/benchmarks.md. Rows whose index is -1 ("no
-adapter") get a zero mask row, so they never read the last slot (see ``lora_index_fix``).
-Shapes, dtypes and in-place writes are upstream's.
+weights for every token and run one tiny matmul per token. These group the rows by adapter slot
+and run one matmul per slot in use, and no work at all when no row has an adapter (base-only
+traffic with LoRA enabled) or a slot holds zeros (modules an adapter does not target).
+Measurements: docs/benchmarks.md. Rows whose index is -1 ("no adapter") get zeros, so they
+never read the last slot (see ``lora_index_fix``). Shapes, dtypes and in-place writes are
+upstream's.
 
 Also installs :func:`~.lora_index_fix.lora_device` (layers whose weight vLLM's INT8 CPU kernel
 released).
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .lora_index_fix import lora_device, write_expanded
@@ -27,11 +28,16 @@ if TYPE_CHECKING:
 ENV_VAR = "LORASWAP_LORA_KERNELS"
 # vLLM versions whose ops (signatures, in-place semantics) these replace; apply() refuses others.
 WRITTEN_FOR = ("0.32.0",)
+# Every per-slot matmul gets a multiple of this many rows (zeros pad the rest): MKL's fp32 GEMM
+# rounds differently for 1-5 rows, and for the rows past 8 of a 9-11-row product, so without
+# the padding a request's result would depend on how many rows share its adapter in the batch
+# (measured on AVX-512; bf16 GEMMs are row-count invariant already). At multiples of 8 every
+# row matched its own 8-row product (8-40, 64, 100, 128 and 300 rows tried).
+MIN_ROWS = 8
 
-# Per-token adapter indices seen recently → (slots used, the one-hot row→slot mask by dtype, or
-# None when every row uses one slot), keyed by their bytes: a decode step calls the ops ~14 times
-# per layer with the same indices, so this is worked out once per step.
-_BATCHES: dict[tuple[int, str, bytes], tuple[list[int], dict[Any, torch.Tensor] | None]] = {}
+# Per-token adapter indices seen recently → their grouping, keyed by their bytes: a decode step
+# calls the ops ~14 times per layer with the same indices, so this is worked out once per step.
+_BATCHES: dict[tuple[str, bytes], Grouping] = {}
 _BATCH_CACHE_LIMIT = 1024
 # Derived forms of each stacked weight tensor (by columns, which slots are non-zero), per tensor
 # object (vLLM passes the same stacked tensors every step), checked by identity through a weak
@@ -41,38 +47,77 @@ _DERIVED: dict[tuple[int, str], tuple[weakref.ref, int, Any]] = {}
 _DERIVED_CACHE_LIMIT = 4096
 
 
-def _batch(indices: torch.Tensor, n_slots: int) -> tuple[list[int], dict[Any, torch.Tensor] | None]:
-    """The adapter slots ``indices`` uses and, unless all rows share one, a one-hot mask
-    (float32; other dtypes are added to the same dict when first asked for, by ``_mask``).
+@dataclass(frozen=True)
+class Grouping:
+    """How a batch's rows map onto adapter slots.
 
-    Negative indices mean "no adapter": such rows get an all-zero mask row, so index -1 can
-    never read the last slot (the upstream bug).
+    ``single`` is the slot when every row uses it (the inputs are used as they are). Otherwise
+    slots with at most ``MIN_ROWS`` rows get one block of exactly ``MIN_ROWS`` rows each in a
+    padded buffer, and all such blocks run as one batched matmul: ``block_slots`` are their
+    slots, ``gather`` picks each padded row from the inputs (index ``rows`` is an all-zero
+    row). Slots with more rows (prefill) run one matmul each over their ``large`` rows, padded
+    (index ``rows`` again) to a multiple of ``MIN_ROWS``.
+    ``scatter`` picks each input row's result from the blocks' results followed by the large
+    groups' (the last index is a zero row, for rows without an adapter).
     """
-    key = (n_slots, str(indices.dtype), indices.cpu().numpy().tobytes())
+
+    rows: int
+    single: int | None
+    slots: tuple[int, ...]
+    block_slots: tuple[int, ...] = ()
+    large: tuple[tuple[int, torch.Tensor], ...] = ()
+    gather: torch.Tensor | None = None
+    scatter: torch.Tensor | None = None
+
+
+def _grouping(indices: torch.Tensor) -> Grouping:
+    """The slots ``indices`` uses and its by-slot layout. Negative indices mean "no adapter":
+    such rows read zeros, so index -1 can never read the last slot (the upstream bug)."""
+    key = (str(indices.dtype), indices.cpu().numpy().tobytes())
     hit = _BATCHES.get(key)
     if hit is None:
-        import torch
-
-        slots = sorted({i for i in indices.tolist() if i >= 0})
-        masks = None
-        if slots and not (len(slots) == 1 and bool((indices == slots[0]).all())):
-            valid = (indices >= 0).unsqueeze(1)
-            onehot = torch.nn.functional.one_hot(indices.clamp_min(0).long(), n_slots)
-            masks = {torch.float32: (onehot * valid).to(torch.float32)}
-        if len(_BATCHES) >= _BATCH_CACHE_LIMIT:
+        hit = _BATCHES[key] = _group(indices.tolist())
+        if len(_BATCHES) > _BATCH_CACHE_LIMIT:
             _BATCHES.clear()
-        hit = _BATCHES[key] = (slots, masks)
     return hit
 
 
-def _mask(masks: dict[Any, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """The batch's one-hot mask in ``dtype``, converted once per batch rather than once per op."""
+def _group(per_row: list[int]) -> Grouping:
     import torch
 
-    mask = masks.get(dtype)
-    if mask is None:
-        mask = masks[dtype] = masks[torch.float32].to(dtype)
-    return mask
+    by_slot: dict[int, list[int]] = {}
+    for row, slot in enumerate(per_row):
+        if slot >= 0:
+            by_slot.setdefault(slot, []).append(row)
+    slots = tuple(sorted(by_slot))
+    rows = len(per_row)
+    if len(slots) == 1 and len(by_slot[slots[0]]) == rows:
+        return Grouping(rows=rows, single=slots[0], slots=slots)
+    small = [s for s in slots if len(by_slot[s]) <= MIN_ROWS]
+    gather: list[int] = []
+    where = [-1] * rows
+    for slot in small:
+        for i, row in enumerate(by_slot[slot]):
+            where[row] = len(gather) + i
+        gather.extend(by_slot[slot] + [rows] * (MIN_ROWS - len(by_slot[slot])))
+    position = len(gather)
+    large = []
+    for slot in (s for s in slots if len(by_slot[s]) > MIN_ROWS):
+        members = by_slot[slot]
+        for i, row in enumerate(members):
+            where[row] = position + i
+        padded = members + [rows] * (-len(members) % MIN_ROWS)
+        position += len(padded)
+        large.append((slot, torch.tensor(padded, dtype=torch.long)))
+    return Grouping(
+        rows=rows,
+        single=None,
+        slots=slots,
+        block_slots=tuple(small),
+        large=tuple(large),
+        gather=torch.tensor(gather, dtype=torch.long),
+        scatter=torch.tensor([position if w < 0 else w for w in where], dtype=torch.long),
+    )
 
 
 def _derived(weights: torch.Tensor, kind: str, make: Callable[[torch.Tensor], Any]) -> Any:
@@ -99,39 +144,67 @@ def _lora_matmul(
     """``inputs[r] @ weights[indices[r]].T`` for every row, in the weights' dtype.
 
     vLLM's version gathers a full copy of the weights for every token and runs one tiny matmul
-    per token. Here a batch with one adapter costs one matmul against that slot, and a batch
-    mixing adapters one matmul against all slots stacked, where a one-hot row mask keeps each
-    row's own slot and zeroes rows without an adapter (the other slots add exact zeros).
+    per token. Here a batch with one adapter costs one matmul; a mix runs the slots with few
+    rows (decode) as one batched matmul of ``MIN_ROWS``-row blocks and each slot with more rows
+    (prefill) as one matmul, all against a cached transposed copy of the stacked weights.
 
-    Every row is computed in the weights' dtype whatever else the batch holds: a request's
-    arithmetic must not depend on who shares its batch (an fp32 path for one adapter and a bf16
-    path for mixes made greedy outputs differ between solo and mixed batches). ``None`` means
-    every row is zero (no adapter in the batch, or only slots of zeros): callers skip the write.
+    Every row goes through the same arithmetic whatever else the batch holds (the same dtype,
+    the same matrix, a multiple of ``MIN_ROWS`` rows per product; a batched matmul's block
+    equals the plain matmul of those rows, measured): a request's greedy output must not depend
+    on who shares its batch. ``None`` means every row is zero (no adapter in the batch, or only
+    slots of zeros): callers skip the write.
     """
-    n_slots, n_out, n_in = weights.shape[0], weights.shape[-2], weights.shape[-1]
-    slots, masks = _batch(indices, n_slots)
+    import torch
+
+    n_out = weights.shape[-2]
+    batch = _grouping(indices)
     live = _live_slots(weights)
-    if not any(live[s] for s in slots):
+    if not any(live[s] for s in batch.slots):
         return None
-    shrink_like = n_out <= n_in  # [rows, in] @ [in, slots*out], then keep each row's slot
     x = inputs.to(weights.dtype)
-    if masks is None:
-        if shrink_like:
-            return x @ weights.reshape(-1, n_in)[slots[0] * n_out : (slots[0] + 1) * n_out].T
-        return x @ _derived(weights, "cols", _by_columns)[slots[0] * n_in : (slots[0] + 1) * n_in]
-    mask = _mask(masks, weights.dtype)
-    if shrink_like:
-        full = (x @ weights.reshape(-1, n_in).T).view(-1, n_slots, n_out)
-        return (full * mask.unsqueeze(2)).sum(dim=1)
-    # expand-like: spread each row into its slot's block of inputs, then one matmul.
-    blocks = (mask.unsqueeze(2) * x.unsqueeze(1)).reshape(x.shape[0], -1)
-    return blocks @ _derived(weights, "cols", _by_columns)
+    by_slot = _transposed(weights)  # [slots, in, out]
+    if batch.single is not None:
+        short = -batch.rows % MIN_ROWS
+        padded = torch.nn.functional.pad(x, (0, 0, 0, short)) if short else x
+        return _product(padded, by_slot, batch.single)[: batch.rows]
+    source = torch.nn.functional.pad(x, (0, 0, 0, 1))  # row ``rows`` is zeros
+    parts = []
+    if batch.block_slots:
+        blocks = source.index_select(0, batch.gather)
+        matrices = _slot_matrices(by_slot, batch.block_slots)
+        products = torch.bmm(blocks.view(len(batch.block_slots), MIN_ROWS, -1), matrices)
+        parts.append(products.view(-1, n_out))
+    for slot, rows in batch.large:
+        parts.append(_product(source.index_select(0, rows), by_slot, slot))
+    parts.append(x.new_zeros(1, n_out))
+    return torch.cat(parts).index_select(0, batch.scatter)
 
 
-def _by_columns(weights: torch.Tensor) -> torch.Tensor:
-    """[slots, (1,) out, in] → [slots * in, out]: each slot's transposed matrix, stacked."""
+def _product(x: torch.Tensor, by_slot: torch.Tensor, slot: int) -> torch.Tensor:
+    """``x @ by_slot[slot]`` through the same batched GEMM as the mixed blocks (a plain matmul
+    of a transposed view rounds differently for few rows)."""
+    import torch
+
+    return torch.bmm(x.unsqueeze(0), by_slot[slot : slot + 1])[0]
+
+
+def _slot_matrices(by_slot: torch.Tensor, slots: tuple[int, ...]) -> torch.Tensor:
+    """``by_slot[slots]`` in the same transposed layout: a view when the slots are
+    consecutive, else a copy of the untransposed matrices, transposed again."""
+    first = slots[0]
+    if slots[-1] - first + 1 == len(slots):
+        return by_slot[first : first + len(slots)]
+    import torch
+
+    picked = by_slot.transpose(1, 2).index_select(0, torch.tensor(slots, dtype=torch.long))
+    return picked.transpose(1, 2)
+
+
+def _transposed(weights: torch.Tensor) -> torch.Tensor:
+    """[slots, (1,) out, in] → [slots, in, out], a view: no copy to refresh when vLLM writes a
+    slot (the GEMMs read it transposed)."""
     n_slots, n_out, n_in = weights.shape[0], weights.shape[-2], weights.shape[-1]
-    return weights.reshape(n_slots, n_out, n_in).transpose(1, 2).reshape(-1, n_out)
+    return weights.view(n_slots, n_out, n_in).transpose(1, 2)
 
 
 def bgmv_expand(
