@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import httpx
+from servers import sse_lines
 
 PROMPT = "Write two sentences about the sea and the wind, and say why sailors watch the sky."
 
@@ -29,7 +30,7 @@ async def ttft(client: httpx.AsyncClient, model: str, max_tokens: int = 16) -> t
     async with client.stream("POST", "/v1/completions", json=body) as response:
         if response.status_code != 200:
             raise RuntimeError(f"{model}: HTTP {response.status_code} {await response.aread()!r}")
-        async for line in response.aiter_lines():
+        async for line in sse_lines(response):
             if first is None and line.startswith("data: {") and json.loads(line[6:]).get("choices"):
                 first = time.perf_counter() - start
     return start, first if first is not None else float("nan")

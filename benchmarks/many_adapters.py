@@ -30,7 +30,7 @@ from pathlib import Path
 
 import httpx
 import psutil
-from servers import BIN, ROOT, ServerProcess
+from servers import BIN, ROOT, ServerProcess, sse_lines
 
 sys.path.insert(0, str(ROOT))
 from loraswap.config import Settings
@@ -114,7 +114,7 @@ async def drive(url: str, models: list[str], streams: int, tokens: int) -> dict:
                         errors += 1
                         await resp.aread()
                         continue
-                    async for line in resp.aiter_lines():
+                    async for line in sse_lines(resp):
                         if not line.startswith("data:") or line.endswith("[DONE]"):
                             continue
                         chunk = json.loads(line[5:])

@@ -25,6 +25,19 @@ BIN = Path(sys.executable).parent
 START_TIMEOUT_S = 600
 
 
+async def sse_lines(response: httpx.Response):
+    """An SSE body's lines, split on newlines only: httpx's ``aiter_lines`` also splits on
+    U+2028, U+0085 and the like, which JSON leaves unescaped inside generated text."""
+    pending = ""
+    async for text in response.aiter_text():
+        pending += text
+        *lines, pending = pending.split("\n")
+        for line in lines:
+            yield line.rstrip("\r")
+    if pending:
+        yield pending
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

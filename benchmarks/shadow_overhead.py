@@ -24,7 +24,7 @@ import statistics
 import time
 
 import httpx
-from servers import ROOT, measure_on_loraswap
+from servers import ROOT, measure_on_loraswap, sse_lines
 
 
 def chat(tokens: int, i: int) -> dict:
@@ -37,7 +37,7 @@ async def one(http: httpx.AsyncClient, url: str, body: dict) -> tuple[float, int
     started, ttft, chunks = time.monotonic(), None, 0
     async with http.stream("POST", f"{url}/v1/chat/completions", json=body) as resp:
         resp.raise_for_status()
-        async for line in resp.aiter_lines():
+        async for line in sse_lines(resp):
             if line.startswith("data:") and '"content"' in line:
                 ttft = ttft if ttft is not None else time.monotonic() - started
                 chunks += 1

@@ -18,7 +18,7 @@ import statistics
 import time
 
 import httpx
-from servers import measure_on_loraswap
+from servers import measure_on_loraswap, sse_lines
 
 ROOT_KEY = "bench-root-key"
 
@@ -45,7 +45,7 @@ async def first_token(
                 continue
             resp.raise_for_status()
             ttft = None
-            async for line in resp.aiter_lines():
+            async for line in sse_lines(resp):
                 if ttft is None and line.startswith("data:") and '"content"' in line:
                     ttft = time.monotonic() - started
             return ttft or time.monotonic() - started, refused

@@ -265,6 +265,36 @@ def test_zero_slot_skipped_until_weights_change_in_place():
     assert torch.all(out == 0)
 
 
+def test_activation_updates_the_live_slot_without_rereading_the_others(monkeypatch):
+    """vLLM writes one slot when it activates an adapter; the wrapper re-checks that slot
+    only, and the ops see the new weights at once."""
+    from types import SimpleNamespace
+
+    d = data(torch.float32)
+    a = d["a"].clone()
+    a[1].zero_()
+    idx = torch.tensor([1, 1, -1, 1, 1])
+    out = torch.full((5, RANK), 7.0)
+    lora_kernels.bgmv_shrink(d["x"], a, out, idx, 1.0)  # caches: slot 1 is not live
+    assert torch.all(out == 0)
+    manager = SimpleNamespace(
+        modules={"q": SimpleNamespace(lora_a_stacked=(a,), lora_b_stacked=())},
+        lora_index_to_id=[None, None, None],
+    )
+
+    def vllm_activate(self, lora_id):
+        self.lora_index_to_id[1] = lora_id
+        a[1].copy_(d["a"][1])
+        return True
+
+    monkeypatch.setattr(lora_kernels, "ORIGINAL_ACTIVATE", [vllm_activate])
+    assert lora_kernels.activate_adapter(manager, 42)
+    cached = lora_kernels._DERIVED[(id(a), "live")]
+    assert cached[1] == a._version and cached[2][1] is True  # updated, not invalidated
+    lora_kernels.bgmv_shrink(d["x"], a, out, idx, 1.0)
+    torch.testing.assert_close(out.double(), per_row(d["x"], d["a"], idx.tolist()), **F32)
+
+
 # --- (c) the minimal fix (lora_index_fix): upstream's ops with index -1 meaning no adapter ---
 
 
@@ -416,8 +446,12 @@ def test_restore_puts_vllm_functions_back_everywhere():
     before = upstream()
     vllm_plugin.apply()
     assert installed() != before
+    from vllm.lora.model_manager import LoRAModelManager
+
+    assert LoRAModelManager.activate_adapter is lora_kernels.activate_adapter
     vllm_plugin.restore()
     assert installed() == before
+    assert LoRAModelManager.activate_adapter is not lora_kernels.activate_adapter
     assert not vllm_plugin.APPLIED and not vllm_plugin.ORIGINALS
     assert not vllm_plugin.PATCHED_MODULES
 

@@ -139,6 +139,9 @@ def apply() -> None:
             importlib.import_module(importer)
         originals[name] = getattr(module, name)
     patched = _rebind({id(fn): patch.REPLACEMENTS[name] for name, fn in originals.items()})
+    install = getattr(patch, "install", None)
+    if install is not None:
+        install()
 
     ORIGINALS.update(originals)
     PATCHED_MODULES[:] = patched
@@ -159,6 +162,9 @@ def restore() -> None:
     patch = next(p for p in PATCHES if patch_name(p) == APPLIED[0])
     replaced = patch.REPLACEMENTS
     _rebind({id(replaced[name]): fn for name, fn in ORIGINALS.items() if name in replaced})
+    uninstall = getattr(patch, "uninstall", None)
+    if uninstall is not None:
+        uninstall()
     ORIGINALS.clear()
     PATCHED_MODULES.clear()
     APPLIED.clear()
