@@ -57,8 +57,9 @@ class Grouping:
     consecutive slots they span (slots between them get blocks of zeros), ``gather`` picks
     each padded row from the inputs (index ``rows`` is an all-zero row). Slots with more rows
     (prefill) run one matmul each over their ``large`` rows, padded (index ``rows`` again) to
-    a multiple of ``MIN_ROWS``. ``scatter`` picks each input row's result from the blocks' results followed by the large
-    groups' (the last index is a zero row, for rows without an adapter).
+    a multiple of ``MIN_ROWS``. ``scatter`` picks each input row's result from the blocks'
+    results followed by the large groups' (the last index is a zero row, for rows without an
+    adapter).
     """
 
     rows: int
