@@ -9,7 +9,9 @@ defaults; plain vLLM from the same ``engine_cli_args``, runtime LoRA updating on
 all N at run time (timed), then drives streamed chat requests (``--tokens`` each, EOS ignored,
 ``--streams`` in flight): all to one adapter, then drawn Zipf(alpha) over the N. Records
 throughput, TTFT p50/p99, errors, adapter loads and evictions (loraswap's metrics), peak RSS of
-the server's processes, and the size of ``/metrics`` and ``/v1/models``. Writes
+the server's processes, and the size of ``/metrics`` and ``/v1/models``. Requests are greedy;
+afterwards ``--isolation-sample`` of the Zipf requests run again one at a time, and their
+answers must equal what they got in mixed batches. Writes
 benchmarks/results/many-<time>.json with the CPU kind. `make bench-many` runs the defaults.
 """
 
@@ -94,8 +96,20 @@ class PeakRss:
         self._thread.join()
 
 
-async def drive(url: str, models: list[str], streams: int, tokens: int) -> dict:
-    """Streamed chat requests for ``models`` (one each), ``streams`` at a time."""
+def chat_body(i: int, model: str, tokens: int, stream: bool = True) -> dict:
+    """Greedy, so that a request's answer can be compared with the same request alone."""
+    body = {"model": model, "max_tokens": tokens, "ignore_eos": True, "temperature": 0,
+            "messages": [{"role": "user", "content": f"Tell me about {i}."}]}  # fmt: skip
+    if stream:
+        body |= {"stream": True, "stream_options": {"include_usage": True}}
+    return body
+
+
+async def drive(
+    url: str, models: list[str], streams: int, tokens: int, texts: dict | None = None
+) -> dict:
+    """Streamed chat requests for ``models`` (one each), ``streams`` at a time; each answer's
+    text goes into ``texts`` by request index."""
     queue = list(enumerate(models))
     ttfts, produced, errors = [], 0, 0
 
@@ -103,11 +117,10 @@ async def drive(url: str, models: list[str], streams: int, tokens: int) -> dict:
         nonlocal produced, errors
         while queue:
             i, model = queue.pop(0)
-            body = {"model": model, "max_tokens": tokens, "ignore_eos": True, "stream": True,
-                    "stream_options": {"include_usage": True},
-                    "messages": [{"role": "user", "content": f"Tell me about {i}."}]}  # fmt: skip
+            body = chat_body(i, model, tokens)
             started = time.monotonic()
             first = None
+            parts: list[str] = []
             try:
                 async with http.stream("POST", f"{url}/v1/chat/completions", json=body) as resp:
                     if resp.status_code != 200:
@@ -118,14 +131,17 @@ async def drive(url: str, models: list[str], streams: int, tokens: int) -> dict:
                         if not line.startswith("data:") or line.endswith("[DONE]"):
                             continue
                         chunk = json.loads(line[5:])
-                        if first is None and chunk.get("choices"):
-                            first = time.monotonic() - started
+                        if chunk.get("choices"):
+                            first = first if first is not None else time.monotonic() - started
+                            parts.append(chunk["choices"][0]["delta"].get("content") or "")
                         if chunk.get("usage"):
                             produced += chunk["usage"]["completion_tokens"]
             except httpx.HTTPError:
                 errors += 1
                 continue
             ttfts.append(first if first is not None else time.monotonic() - started)
+            if texts is not None:
+                texts[i] = "".join(parts)
 
     started = time.monotonic()
     async with httpx.AsyncClient(timeout=600) as http:
@@ -138,6 +154,23 @@ async def drive(url: str, models: list[str], streams: int, tokens: int) -> dict:
             "ttft_p50_s": round(statistics.median(ttfts), 3) if ttfts else None,
             "ttft_p99_s": round(p99, 3) if p99 is not None else None,
             "distinct_models": len(set(models))}  # fmt: skip
+
+
+async def isolation_check(url: str, draw: list[str], texts: dict, tokens: int, sample: int) -> dict:
+    """Requests of the Zipf run again, one at a time: their answers must equal the ones they
+    got in mixed batches (greedy, the server's dtype)."""
+    picked = random.Random(1).sample(sorted(texts), min(sample, len(texts)))
+    differing = []
+    async with httpx.AsyncClient(timeout=600) as http:
+        for i in picked:
+            resp = await http.post(
+                f"{url}/v1/chat/completions", json=chat_body(i, draw[i], tokens, stream=False)
+            )
+            alone = resp.json()["choices"][0]["message"]["content"] if resp.is_success else None
+            if alone != texts[i]:
+                differing.append(draw[i])
+    return {"checked": len(picked), "identical": len(picked) - len(differing),
+            "differing": differing}  # fmt: skip
 
 
 def metric_sum(text: str, name: str) -> float:
@@ -188,15 +221,21 @@ async def run_system(system: str, work: Path, root: Path, names: list[str], args
             registered = await asyncio.to_thread(register, system, server.url, root, names)
             await drive(server.url, [names[0]] * 8, 4, 8)  # warm-up
             one = await drive(server.url, [names[0]] * args.requests, args.streams, args.tokens)
-            zipf = {}
+            zipf, answered = {}, {}
             for alpha in args.alphas:
                 draw = [names[k] for k in zipf_draw(len(names), alpha, args.requests)]
-                zipf[str(alpha)] = await drive(server.url, draw, args.streams, args.tokens)
+                texts: dict[int, str] = {}
+                zipf[str(alpha)] = await drive(server.url, draw, args.streams, args.tokens, texts)
+                answered[str(alpha)] = (draw, texts)
                 zipf[str(alpha)]["vs_one_adapter"] = round(
                     zipf[str(alpha)]["tok_per_s"] / one["tok_per_s"], 2
                 )
         metrics = httpx.get(f"{server.url}/metrics", timeout=60).text
         models = httpx.get(f"{server.url}/v1/models", timeout=60).content
+        for alpha, (draw, texts) in answered.items():  # after the counters were read
+            zipf[alpha]["isolation"] = await isolation_check(
+                server.url, draw, texts, args.tokens, args.isolation_sample
+            )
         return {
             "register": registered, "one_adapter": one, "zipf": zipf,
             "peak_rss_gib": round(rss.peak / 2**30, 2), "ready_s": round(server.ready_s or 0, 1),
@@ -220,6 +259,7 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=16)
     parser.add_argument("--requests", type=int, default=160)
     parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--isolation-sample", type=int, default=16)
     parser.add_argument(
         "--adapter-dir", type=Path, default=Path(tempfile.gettempdir()) / "loraswap-many"
     )

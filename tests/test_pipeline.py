@@ -9,6 +9,7 @@ import json
 import pytest
 
 from loraswap.adapters.keys import AdapterKey
+from loraswap.adapters.slots import SlotGate
 from loraswap.config import Settings
 from loraswap.errors import ApiError
 from loraswap.pipeline import PipelineMiddleware, RequestPipeline
@@ -22,6 +23,7 @@ class FakeRegistry:
         self.loaded: list[AdapterKey] = []
         self.records: list[tuple[AdapterKey, bool]] = []
         self.fail_load = fail_load
+        self.slots = SlotGate(lambda: 8, 1.0, set)
 
     def resolve(self, model: str) -> AdapterKey | None:
         return KEY if model in ("sql", "sql@v2") else None
@@ -106,6 +108,19 @@ def test_failed_load_is_counted_as_an_error():
     with pytest.raises(ApiError):
         asyncio.run(pipe.admit("/generate", {"model": "sql"}))
     assert registry.records == [(KEY, False)]
+    assert not registry.slots.in_flight  # the slot it waited for is free again
+
+
+def test_an_admitted_adapter_request_holds_its_slot_until_finished():
+    pipe, registry = pipeline()
+
+    async def scenario():
+        admission = await pipe.admit("/generate", {"model": "sql"})
+        assert registry.slots.in_flight == {KEY: 1}
+        pipe.finish(admission, ok=True)
+        assert not registry.slots.in_flight
+
+    asyncio.run(scenario())
 
 
 def test_no_limit_configured_lets_any_value_through():

@@ -12,6 +12,7 @@ import pytest
 
 from loraswap.adapters.keys import AdapterKey
 from loraswap.adapters.registry import AdapterRegistry
+from loraswap.adapters.slots import SlotGate
 from loraswap.audit import AuditLog
 from loraswap.config import Settings
 from loraswap.errors import ApiError
@@ -189,6 +190,7 @@ def test_only_single_prompt_chat_and_completions_are_shadowed():
 class ShadowingRegistry:
     def __init__(self) -> None:
         self.loaded: list[AdapterKey] = []
+        self.slots = SlotGate(lambda: 8, 1.0, set)
 
     def resolve(self, model: str) -> AdapterKey | None:
         return V1 if model == "uppercase" else None

@@ -138,6 +138,14 @@ class Settings(BaseSettings):
             "`adapter_memory_gib` bounds them in bytes."
         ),
     )
+    adapter_slot_wait_s: float = Field(
+        10.0,
+        gt=0,
+        description=(
+            "Longest a request waits while every slot serves other adapters (requests for an "
+            "adapter in flight share its slot) before a 429 with Retry-After. Batch lines wait."
+        ),
+    )
     adapter_memory_gib: float = Field(
         2.0,
         gt=0,

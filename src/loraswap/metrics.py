@@ -45,6 +45,18 @@ SHADOW_RUNS = Counter(
     ["outcome"],
 )
 SHADOW_PENDING = Gauge("loraswap_shadow_pending", "Shadow requests queued or running.")
+SLOT_WAITS = Counter(
+    "loraswap_adapter_slot_waits",
+    "Requests that found every adapter slot serving other adapters, by outcome: admitted "
+    "(a slot freed in time) or refused (429 after LORASWAP_ADAPTER_SLOT_WAIT_S).",
+    ["outcome"],
+)
+SLOT_WAITING = Gauge("loraswap_adapter_slot_waiting", "Requests waiting for an adapter slot.")
+SLOT_WAIT_SECONDS = Histogram(
+    "loraswap_adapter_slot_wait_seconds",
+    "How long admitted requests waited for an adapter slot.",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
+)
 
 
 OTHER = ("other", "")

@@ -27,6 +27,7 @@ from .routes import INFERENCE_ROUTES, Route
 from .tenants import Principal, current
 
 if TYPE_CHECKING:
+    from .adapters.slots import SlotGate
     from .shadows.runner import ShadowJob, ShadowRunner
     from .tenants import Tenancy
 
@@ -49,6 +50,9 @@ class AdapterResolver(Protocol):
     def record_request(self, key: AdapterKey, ok: bool) -> None: ...
 
     def shadow_of(self, model: str) -> AdapterKey | None: ...
+
+    @property
+    def slots(self) -> SlotGate: ...
 
 
 @dataclass
@@ -190,14 +194,25 @@ class RequestPipeline:
             if not background:
                 shadow = self.shadow_of(route.path, body, model, key, principal)
             try:
-                await self.registry.ensure_loaded(key)
+                await self.registry.slots.acquire(key, background)
             except ApiError:
                 self.registry.record_request(key, ok=False)
                 raise
-            body["model"] = model = str(key)
-        limited = False
-        if not background and self.tenancy is not None:
-            limited = self.tenancy.limiter.acquire(principal)
+        try:
+            if key is not None:
+                try:
+                    await self.registry.ensure_loaded(key)
+                except ApiError:
+                    self.registry.record_request(key, ok=False)
+                    raise
+                body["model"] = model = str(key)
+            limited = False
+            if not background and self.tenancy is not None:
+                limited = self.tenancy.limiter.acquire(principal)
+        except BaseException:
+            if key is not None:
+                self.registry.slots.release(key)
+            raise
         if shadow is not None:
             CAPTURE.set(shadow.primary_run)  # the engine fills in the primary's answer
         if not background and self.shadows is not None:
@@ -221,6 +236,7 @@ class RequestPipeline:
         if admission.shadow is not None and ok and self.shadows is not None:
             self.shadows.submit(admission.shadow)
         if admission.key is not None and self.registry is not None:
+            self.registry.slots.release(admission.key)
             self.registry.record_request(admission.key, ok)
         if admission.limited and self.tenancy is not None:
             self.tenancy.limiter.release(admission.principal)

@@ -20,6 +20,7 @@ from . import sizing
 from .catalog import AdapterRecord, AliasRecord, Catalog, CatalogState, CatalogStore, VersionRecord
 from .keys import AdapterKey
 from .residency import AdapterEngine, Residency
+from .slots import SlotGate
 from .sources import materialize
 from .validation import AdapterInfo, AdapterInvalid, BaseModelShapes, check_name, validate_adapter
 
@@ -51,6 +52,14 @@ class AdapterRegistry:
             host_bytes=host_bytes,
             size_of=lambda path: sizing.adapter_bytes(path, str(settings.dtype)),
         )
+        self.slots = SlotGate(
+            lambda: max(
+                1, (settings.max_loras or sizing.UNSIZED_SLOTS) - len(self.pinned_loaded())
+            ),
+            settings.adapter_slot_wait_s,
+            self.catalog.pinned_keys,
+            settings.retry_after_s,
+        )
         self._lock = asyncio.Lock()
         self._sync_task: asyncio.Task[None] | None = None
 
@@ -62,6 +71,10 @@ class AdapterRegistry:
 
     async def ensure_loaded(self, key: AdapterKey) -> None:
         await self.residency.ensure_loaded(key)
+
+    def pinned_loaded(self) -> set[AdapterKey]:
+        """Pinned versions in the engine: each holds a slot for good."""
+        return {k for k in self.catalog.pinned_keys() if self.residency.is_loaded(k)}
 
     def record_request(self, key: AdapterKey, ok: bool) -> None:
         self.residency.record(key, ok)
