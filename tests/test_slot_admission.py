@@ -37,7 +37,10 @@ async def _scenario(url: str, adapters: list[str], slots: int) -> dict:
     stop = asyncio.Event()
     started = [asyncio.Event() for _ in holders]
     async with httpx.AsyncClient(base_url=url, timeout=120) as http:
-        tasks = [asyncio.create_task(_hold(http, m, e, stop)) for m, e in zip(holders, started)]
+        tasks = [
+            asyncio.create_task(_hold(http, m, e, stop))
+            for m, e in zip(holders, started, strict=True)
+        ]
         await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 120)
         client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=60)
         t0 = time.monotonic()
