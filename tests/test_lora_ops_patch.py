@@ -218,6 +218,20 @@ def test_fixed_sgmv_ops_expand_per_sequence_indices():
     torch.testing.assert_close(y[:, sl].double(), d["y"][:, sl].double() + delta, **tol)
 
 
+def test_sgmv_per_token_indices_follow_in_place_metadata_updates():
+    """vLLM rewrites its metadata buffers in place each step; the per-token indices, worked out
+    once per step, must follow (a stale copy would apply another adapter's weights)."""
+    d, tol = data(torch.float32), TOL[torch.float32]
+    seq_idx, seq_len = torch.tensor([0, -1, 2]), torch.tensor([1, 2, 2])
+    meta = (torch.tensor([0, 1, 3]), seq_len, seq_idx, 3, 2, 5)
+    out = torch.zeros(5, RANK)
+    lora_kernels.sgmv_shrink(d["x"], d["a"], out, *meta, 1.0)
+    seq_idx.copy_(torch.tensor([2, 0, -1]))  # the next step, same buffers
+    lora_kernels.sgmv_shrink(d["x"], d["a"], out, *meta, 1.0)
+    tokens = [2, 0, 0, -1, -1]
+    torch.testing.assert_close(out.double(), per_row(d["x"], d["a"], tokens), **tol)
+
+
 def test_base_only_batch_does_no_adapter_work():
     """Base-only traffic on a LoRA engine: shrink writes zeros, expand leaves y untouched."""
     d = data(torch.float32)
