@@ -302,9 +302,13 @@ def test_activation_updates_the_live_slot_without_rereading_the_others(monkeypat
         return True
 
     monkeypatch.setattr(lora_kernels, "ORIGINAL_ACTIVATE", [vllm_activate])
-    assert lora_kernels.activate_adapter(manager, 42)
+    with torch.inference_mode():  # vLLM's forward pass, where the transposed copy is made
+        lora_kernels.bgmv_shrink(d["x"], a, out, torch.tensor([0, 0, 2, 0, 0]), 1.0)
+    assert lora_kernels.activate_adapter(manager, 42)  # outside inference mode, like a load
     cached = lora_kernels._DERIVED[(id(a), "live")]
     assert cached[1] == a._version and cached[2][1] is True  # updated, not invalidated
+    transposed = lora_kernels._DERIVED[(id(a), "t")]
+    assert transposed[1] == a._version and torch.equal(transposed[2][1], a[1, 0].T)
     lora_kernels.bgmv_shrink(d["x"], a, out, idx, 1.0)
     torch.testing.assert_close(out.double(), per_row(d["x"], d["a"], idx.tolist()), **F32)
 

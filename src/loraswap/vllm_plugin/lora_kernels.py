@@ -164,7 +164,10 @@ def activate_adapter(self: Any, lora_id: int) -> bool:
                 hit = _DERIVED.get(key)
                 if hit is None or hit[0]() is not weights or hit[1] != before[id(weights)]:
                     continue  # not cached, or stale before this write: remade when used
-                _DERIVED[key] = (hit[0], weights._version, update(hit[2], weights, index))
+                try:
+                    _DERIVED[key] = (hit[0], weights._version, update(hit[2], weights, index))
+                except Exception:  # never fail a load over a cache: remade when used
+                    _DERIVED.pop(key, None)
     return activated
 
 
@@ -195,8 +198,12 @@ def _update_live(live: list[bool], weights: torch.Tensor, index: int) -> list[bo
 
 
 def _update_transposed(copy: torch.Tensor, weights: torch.Tensor, index: int) -> torch.Tensor:
+    import torch
+
     n_out, n_in = weights.shape[-2], weights.shape[-1]
-    copy[index].copy_(weights[index].reshape(n_out, n_in).T)
+    # made during a forward pass (inference mode); loads run outside it
+    with torch.inference_mode(copy.is_inference()):
+        copy[index].copy_(weights[index].reshape(n_out, n_in).T)
     return copy
 
 
