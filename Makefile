@@ -83,7 +83,9 @@ bench: model
 
 # Many adapters: one hot adapter vs Zipf traffic over 100 and 1,000 (loraswap and plain vLLM).
 bench-many: model
+	$(UV) pip install --python $(PY) "matplotlib==3.11.2"
 	$(PY) benchmarks/many_adapters.py $(BENCH_ARGS)
+	$(PY) benchmarks/many_report.py
 
 bench-report: $(STAMP)
 	$(PY) benchmarks/report.py $(BENCH_RESULT)
