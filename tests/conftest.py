@@ -88,9 +88,10 @@ def server_env(adapter_root: Path, state_dir: Path, s3: dict, **extra: str) -> d
 def server(tmp_path_factory: pytest.TempPathFactory, adapter_root: Path, s3: dict):
     """The real server (vLLM CPU engine, default model), started once per test session."""
     state = tmp_path_factory.mktemp("server")
-    # Fewer engine slots than the default 8, so the adapter tests reuse slots (where the vLLM
-    # CPU index bug showed) and pins meet the slot limit.
-    env = server_env(adapter_root, state, s3, LORASWAP_MAX_LORAS="4")
+    # Few engine slots, so the adapter tests reuse slots (where the vLLM CPU index bug showed)
+    # and pins meet the slot limit; a count-bounded host tier (the default is bounded in bytes,
+    # see test_residency), so the LRU test evicts.
+    env = server_env(adapter_root, state, s3, LORASWAP_MAX_LORAS="4", LORASWAP_MAX_CPU_LORAS="8")
     srv = Server(state / "serve.log", env=env).start()
     yield srv
     left = srv.stop()

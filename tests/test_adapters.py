@@ -245,7 +245,7 @@ def test_concurrent_first_requests_share_one_load(server, adapter_root, base_sha
 
 
 def test_lru_eviction_and_pins(server, client, adapter_root, base_shapes):
-    names = [f"lru{i}" for i in range(10)]  # more than max_cpu_loras (8)
+    names = [f"lru{i}" for i in range(10)]  # more than max_cpu_loras (8 on the test server)
     for i, name in enumerate(names):
         register(server, name, write_adapter(adapter_root / name, base_shapes, seed=100 + i))
     pin = admin(server, "POST", "/admin/adapters/lru0/pin")
@@ -374,3 +374,16 @@ def test_model_and_adapter_lists_page_with_limit_and_after(server, client):
         assert len(seen) >= 2  # several pages were walked
         resp = admin(server, "GET", f"{path}?after=no-such-entry")
         assert resp.status_code == 400 and resp.json()["error"]["param"] == "after"
+
+
+def test_adapter_memory_is_sized_at_start_and_shown(server, base_shapes):
+    """The slots and the host tier come out of LORASWAP_ADAPTER_MEMORY_GIB for the base model's
+    shapes (the test server sets the slot and host counts explicitly), and /info says so."""
+    from loraswap.adapters import sizing
+
+    engine = httpx.get(f"{server.url}/info", timeout=30).json()["engine"]
+    assert engine["max_loras"]["value"] == 4 and engine["max_loras"]["source"] == "setting"
+    assert engine["max_cpu_loras"]["value"] == 8
+    slot = sizing.slot_bytes(base_shapes, 16, engine["dtype"]["value"])
+    assert engine["adapter_host_bytes"]["value"] == 2 * sizing.GIB - 4 * slot
+    assert "MiB" in engine["adapter_host_bytes"]["reason"]

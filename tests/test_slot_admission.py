@@ -80,9 +80,3 @@ def test_full_slots_share_in_flight_adapters_and_bound_the_wait_of_others(
     assert "every adapter slot" in body["message"] and adapters[slots] in body["message"]
     assert WAIT_S - 1 <= out["refused_s"] < WAIT_S + 5
     assert out["served"].model == f"{adapters[slots]}@v1"
-    text = httpx.get(f"{server.url}/metrics", timeout=30).text
-    refused = [
-        line for line in text.splitlines()
-        if line.startswith("loraswap_adapter_slot_waits_total") and 'outcome="refused"' in line
-    ]  # fmt: skip
-    assert refused and float(refused[0].split()[-1]) >= 1

@@ -252,6 +252,8 @@ def _lora_matmul(
         parts.append(products.view(-1, n_out))
     for slot, rows in batch.large:
         parts.append(_product(source.index_select(0, rows), by_slot, slot))
+    if len(parts) == 1:  # decode: one zero row appended, without a separate cat
+        return torch.nn.functional.pad(parts[0], (0, 0, 0, 1)).index_select(0, batch.scatter)
     parts.append(x.new_zeros(1, n_out))
     return torch.cat(parts).index_select(0, batch.scatter)
 
@@ -310,7 +312,9 @@ def bgmv_shrink(
     if outputs is None:
         output_tensor[:, : lora_b_weights.shape[-2]] = 0
         return
-    output_tensor[:, : outputs.shape[1]] = scaling * outputs[:]
+    if scaling != 1.0:  # vLLM folds the LoRA scaling into B: this is 1.0 on its hot path
+        outputs = scaling * outputs
+    output_tensor[:, : outputs.shape[1]] = outputs
 
 
 def bgmv_expand_slice(
