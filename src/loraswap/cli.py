@@ -79,7 +79,9 @@ def cmd_info(ns: argparse.Namespace) -> int:
     from .info import collect, offline_additions, render
 
     settings = Settings()
-    doc = collect(settings, is_cpu_build()) | offline_additions(settings)
+    offline = offline_additions(settings)
+    # sized for the imported base model, as the server will at start
+    doc = collect(settings, is_cpu_build(), model_path=offline["base_model"]["location"]) | offline
     print(json.dumps(doc, indent=2) if ns.json else render(doc))
     return 0
 

