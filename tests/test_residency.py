@@ -212,3 +212,23 @@ def test_host_tier_is_bounded_in_bytes_and_pins_stay():
 
     run(scenario())
     assert engine.loaded == {KEYS[3]}
+
+
+def test_eviction_weighs_frequency_among_the_least_recently_used():
+    """Of the least recently used versions, the one with fewer requests leaves first: an
+    adapter in steady use that sat idle a moment outlives a one-off."""
+    engine, res, _ = make(capacity=3)
+
+    async def scenario():
+        await res.ensure_loaded(KEYS[0])
+        for _ in range(5):
+            res.record(KEYS[0], ok=True)  # a0: in steady use, but now the least recent
+        await res.ensure_loaded(KEYS[1])
+        res.record(KEYS[1], ok=True)
+        await res.ensure_loaded(KEYS[2])
+        res.record(KEYS[2], ok=True)
+        await res.ensure_loaded(KEYS[3])  # full: a1 (1 request) leaves, not a0 (5)
+
+    run(scenario())
+    assert KEYS[0] in res.lru and KEYS[1] not in res.lru
+    assert engine.loaded == {KEYS[0], KEYS[2], KEYS[3]}

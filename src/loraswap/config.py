@@ -151,7 +151,7 @@ class Settings(BaseSettings):
         gt=0,
         description=(
             "Memory for adapters: the engine's slots, then a host tier of loaded adapters "
-            "(least recently used leave first) in the rest. Printed at start."
+            "(least recently used and least requested leave first) in the rest. Printed at start."
         ),
     )
     adapter_roots: list[Path] = Field(

@@ -1,7 +1,7 @@
 """Adapter residency on this replica: which versions the engine can serve, which are loaded
-in its memory (least recently used leave first once ``capacity`` versions or ``host_bytes``
-bytes are loaded; pins never leave), one shared load per version, and per-version request
-counts. It talks to the engine only through the small :class:`AdapterEngine` interface,
+in its memory (once ``capacity`` versions or ``host_bytes`` bytes are loaded, the least
+recently used and least requested leave first; pins never leave), one shared load per
+version, and per-version request counts. It talks to the engine only through the small :class:`AdapterEngine` interface,
 so it is tested against a fake engine.
 """
 
@@ -22,6 +22,8 @@ from ..errors import ApiError
 from .keys import AdapterKey
 
 logger = logging.getLogger(__name__)
+# How many of the least recently used versions eviction weighs by their request counts.
+EVICTION_WINDOW = 4
 
 
 class AdapterEngine(Protocol):
@@ -181,10 +183,24 @@ class Residency:
         over_bytes = self.host_bytes is not None and self.loaded_bytes + incoming > self.host_bytes
         return len(self.lru) >= self.capacity or (over_bytes and bool(self.lru))
 
+    def _victim(self, pinned: set[AdapterKey]) -> AdapterKey | None:
+        """Recency and frequency: of the ``EVICTION_WINDOW`` least recently used unpinned
+        versions, the one with the fewest requests (the older on a tie), so an adapter in steady
+        use that sat idle a moment outlives a one-off."""
+        window = []
+        for key in self.lru:
+            if key not in pinned:
+                window.append(key)
+                if len(window) == EVICTION_WINDOW:
+                    break
+        if not window:
+            return None
+        return min(window, key=lambda k: self.servable[k].requests if k in self.servable else 0)
+
     async def _make_room(self, incoming: int = 0) -> None:
         pinned = self.pinned()
         while self._full(incoming):
-            victim = next((k for k in self.lru if k not in pinned), None)
+            victim = self._victim(pinned)
             if victim is None:
                 if len(self.lru) < self.capacity:
                     return  # only pins are loaded: they stay, even over the byte budget

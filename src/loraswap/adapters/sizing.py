@@ -102,7 +102,7 @@ def choices(settings: Settings, shapes: BaseModelShapes | None, dtype: str) -> d
     host = Choice(
         mem.host_bytes, "auto",
         f"{mem.host_bytes / 2**20:.0f} MiB of loaded adapters kept in engine memory: the rest "
-        f"of {budget}; least recently used leave first, pinned ones never",
+        f"of {budget}; least recently used and least requested leave first, pinned ones never",
     )  # fmt: skip
     count = Choice(
         mem.max_cpu_loras, "setting" if settings.max_cpu_loras else "auto",
