@@ -1,8 +1,8 @@
 """Adapter residency on this replica: which versions the engine can serve, which are loaded
 in its memory (once ``capacity`` versions or ``host_bytes`` bytes are loaded, the least
 recently used and least requested leave first; pins never leave), one shared load per
-version, and per-version request counts. It talks to the engine only through the small :class:`AdapterEngine` interface,
-so it is tested against a fake engine.
+version, and per-version request counts. It talks to the engine only through the small
+:class:`AdapterEngine` interface, so it is tested against a fake engine.
 """
 
 from __future__ import annotations
