@@ -49,7 +49,8 @@ class SlotGate:
         self.waiting: deque[_Waiter] = deque()
 
     def _free(self) -> bool:
-        unpinned = sum(1 for key in self.in_flight if key not in self.pinned())
+        pinned = self.pinned()
+        unpinned = sum(1 for key in self.in_flight if key not in pinned)
         return unpinned < self.capacity()
 
     async def acquire(self, key: AdapterKey, background: bool = False) -> None:

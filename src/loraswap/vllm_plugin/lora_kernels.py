@@ -40,10 +40,11 @@ MIN_ROWS = 4
 # calls the ops ~14 times per layer with the same indices, so this is worked out once per step.
 _BATCHES: dict[tuple[str, bytes], Grouping] = {}
 _BATCH_CACHE_LIMIT = 1024
-# Derived forms of each stacked weight tensor (by columns, which slots are non-zero), per tensor
-# object (vLLM passes the same stacked tensors every step), checked by identity through a weak
-# reference and refreshed when the tensor's in-place version changes: vLLM loads and clears
-# slots by writing into the stacked tensor, which bumps ``_version``.
+# Derived forms of each stacked weight tensor (the transposed copy, which slots are non-zero), per
+# tensor object (vLLM passes the same stacked tensors every step), checked by identity through a
+# weak reference and refreshed when the tensor's in-place version changes: vLLM loads slots by
+# writing into the stacked tensor, which bumps ``_version`` (activate_adapter refreshes the one
+# slot it wrote).
 _DERIVED: dict[tuple[int, str], tuple[weakref.ref, int, Any]] = {}
 _DERIVED_CACHE_LIMIT = 4096
 
