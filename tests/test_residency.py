@@ -232,3 +232,47 @@ def test_eviction_weighs_frequency_among_the_least_recently_used():
     run(scenario())
     assert KEYS[0] in res.lru and KEYS[1] not in res.lru
     assert engine.loaded == {KEYS[0], KEYS[2], KEYS[3]}
+
+
+def test_versions_with_requests_in_flight_are_not_evicted():
+    """Unloading a version under a running request would make vLLM load it again behind the
+    residency's back (and evict another in its own cache): busy versions stay."""
+    engine = FakeEngine()
+    busy = {KEYS[0]}
+    res = Residency(engine, 2, set, busy=lambda: busy)
+    for i, key in enumerate(KEYS):
+        res.expose(key, i + 1, Path(f"/adapters/{key.name}"))
+
+    async def scenario():
+        await res.ensure_loaded(KEYS[0])
+        await res.ensure_loaded(KEYS[1])
+        await res.ensure_loaded(KEYS[2])  # a0 is the least recent but busy: a1 leaves
+
+    run(scenario())
+    assert ("unload", KEYS[0]) not in engine.calls
+    assert engine.loaded == {KEYS[0], KEYS[2]}
+
+
+def test_pin_loads_again_a_version_the_engine_dropped():
+    """vLLM answers pin_lora for a LoRA it no longer holds with an error (a 500 before): the
+    residency loads it again and pins."""
+    pins = {KEYS[0]}
+    engine, res, _ = make(capacity=2, pins=pins)
+    dropped = {KEYS[0]}
+    plain_pin = engine.pin
+
+    async def strict_pin(key):
+        if key not in engine.loaded or key in dropped:
+            dropped.discard(key)
+            raise RuntimeError(f"Pinning failed. LoRA {key} is not registered.")
+        await plain_pin(key)
+
+    engine.pin = strict_pin
+
+    async def scenario():
+        await res.ensure_loaded(KEYS[0])
+        await res.pin(KEYS[0])
+
+    run(scenario())
+    assert KEYS[0] in engine.pinned
+    assert engine.calls.count(("load", KEYS[0])) == 2

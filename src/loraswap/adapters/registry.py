@@ -51,6 +51,7 @@ class AdapterRegistry:
             self.catalog.pinned_keys,
             host_bytes=host_bytes,
             size_of=lambda path: sizing.adapter_bytes(path, str(settings.dtype)),
+            busy=lambda: self.slots.in_flight,
         )
         self.slots = SlotGate(
             lambda: max(

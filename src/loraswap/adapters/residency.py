@@ -12,7 +12,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -96,6 +96,7 @@ class Residency:
         pinned: Callable[[], set[AdapterKey]],
         host_bytes: int | None = None,
         size_of: Callable[[Path], int] = lambda path: 0,
+        busy: Callable[[], Collection[AdapterKey]] = tuple,
     ) -> None:
         self.engine = engine
         self.capacity = capacity
@@ -103,6 +104,7 @@ class Residency:
         self.size_of = size_of
         self.loaded_bytes = 0
         self.pinned = pinned
+        self.busy = busy
         self.servable: dict[AdapterKey, Resident] = {}
         self.lru: OrderedDict[AdapterKey, None] = OrderedDict()
         self.broken: dict[AdapterKey, str] = {}
@@ -183,13 +185,13 @@ class Residency:
         over_bytes = self.host_bytes is not None and self.loaded_bytes + incoming > self.host_bytes
         return len(self.lru) >= self.capacity or (over_bytes and bool(self.lru))
 
-    def _victim(self, pinned: set[AdapterKey]) -> AdapterKey | None:
-        """Recency and frequency: of the ``EVICTION_WINDOW`` least recently used unpinned
-        versions, the one with the fewest requests (the older on a tie), so an adapter in steady
+    def _victim(self, keep: set[AdapterKey]) -> AdapterKey | None:
+        """Recency and frequency: of the ``EVICTION_WINDOW`` least recently used versions not in
+        ``keep``, the one with the fewest requests (the older on a tie), so an adapter in steady
         use that sat idle a moment outlives a one-off."""
         window = []
         for key in self.lru:
-            if key not in pinned:
+            if key not in keep:
                 window.append(key)
                 if len(window) == EVICTION_WINDOW:
                     break
@@ -198,13 +200,16 @@ class Residency:
         return min(window, key=lambda k: self.servable[k].requests if k in self.servable else 0)
 
     async def _make_room(self, incoming: int = 0) -> None:
-        pinned = self.pinned()
+        # Pins stay; so do versions with requests in flight: unloading one under a running
+        # request makes vLLM load it again behind our back, and its own cache then evicts
+        # a version this residency counts as loaded.
+        keep = self.pinned() | set(self.busy())
         while self._full(incoming):
-            victim = self._victim(pinned)
+            victim = self._victim(keep)
             if victim is None:
                 if len(self.lru) < self.capacity:
-                    return  # only pins are loaded: they stay, even over the byte budget
-                raise ApiError(503, "every adapter slot is pinned; unpin one")
+                    return  # only pins and busy versions are loaded: over the byte budget a while
+                raise ApiError(503, "every adapter in memory is pinned or serving; unpin one")
             await self.evict(victim)
             metrics.EVICTIONS.labels(*metrics.labels_of(victim)).inc()
 
@@ -223,7 +228,18 @@ class Residency:
 
     async def pin(self, key: AdapterKey) -> None:
         await self.ensure_loaded(key)
-        await self.engine.pin(key)
+        try:
+            await self.engine.pin(key)
+        except Exception as exc:
+            # vLLM's own cache can drop a version behind our back (a version deleted under a
+            # running request is loaded again at its next step and takes a place): load it
+            # again, then pin.
+            logger.warning("pinning %s: %s; loading it again", key, exc)
+            try:
+                await self.engine.load(key)
+                await self.engine.pin(key)
+            except Exception as again:
+                raise ApiError(503, f"adapter {str(key)!r} could not be pinned: {again}") from again
 
     # ----- observation ---------------------------------------------------------------------
     def record(self, key: AdapterKey, ok: bool) -> None:

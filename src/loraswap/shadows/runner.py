@@ -150,8 +150,12 @@ class ShadowRunner:
         error = None
         registry = self.pipeline.registry
         try:
-            await registry.ensure_loaded(job.shadow)
-            await self.pipeline.call_vllm(job.path, job.body, None)
+            await registry.slots.acquire(job.shadow, background=True)
+            try:
+                await registry.ensure_loaded(job.shadow)
+                await self.pipeline.call_vllm(job.path, job.body, None)
+            finally:
+                registry.slots.release(job.shadow)
             registry.record_request(job.shadow, ok=True)
         except ApiError as exc:
             task = asyncio.current_task()
