@@ -673,3 +673,59 @@ def test_row_result_does_not_depend_on_the_rest_of_the_batch(dtype: torch.dtype,
             assert same(y_same[r], y_mixed[r]), r
         if slot < 0:
             assert not y_mixed[r].any()
+
+
+def test_activation_takes_targeted_modules_from_the_adapter(monkeypatch):
+    """The wrapper learns from the adapter which stacked tensors vLLM filled and which it reset
+    (a module the adapter does not target, a packed slice it leaves out), so a zero slot is not
+    read back; the caches it keeps equal the ones remade from scratch."""
+    from types import SimpleNamespace
+
+    d = data(torch.float32)
+    q_a, k_a, mlp_a = d["a"].clone(), d["a"].clone(), d["a"].clone()
+    for t in (q_a, k_a, mlp_a):
+        t[1].zero_()
+    mlp_a[2].zero_()  # slot 2's adapter left the MLP alone
+    stacks = {"qkv": (q_a, k_a), "mlp": (mlp_a,)}
+    x = d["x"]
+    out = torch.zeros(len(INDICES), RANK)
+    with torch.inference_mode():
+        for t in (q_a, k_a, mlp_a):  # the forward pass caches liveness and the transposed copy
+            lora_kernels.bgmv_shrink(x, t, out, torch.tensor([0, 0, 1, 2, 0]), 1.0)
+    new_q = torch.randn(RANK, HIDDEN)
+    adapter = SimpleNamespace(
+        layers={"qkv": SimpleNamespace(lora_a=[new_q, None], lora_b=[])}  # no lora_b stacked here
+    )
+    manager = SimpleNamespace(
+        modules={
+            n: SimpleNamespace(lora_a_stacked=s, lora_b_stacked=()) for n, s in stacks.items()
+        },
+        lora_index_to_id=[None, None, None],
+        _registered_adapters={42: adapter},
+        _get_lora_layer_weights=lambda model, name: model.layers.get(name),
+    )
+
+    def vllm_activate(self, lora_id):  # what vLLM's set_lora / reset_lora write
+        self.lora_index_to_id[2] = lora_id
+        q_a[2, 0].copy_(new_q)
+        k_a[2] = 0
+        mlp_a[2] = 0
+        return True
+
+    monkeypatch.setattr(lora_kernels, "ORIGINAL_ACTIVATE", [vllm_activate])
+    read = []
+    real_any = torch.Tensor.any
+    monkeypatch.setattr(
+        torch.Tensor, "any", lambda self, *a, **k: read.append(1) or real_any(self, *a, **k)
+    )
+    assert lora_kernels.activate_adapter(manager, 42)
+    monkeypatch.setattr(torch.Tensor, "any", real_any)
+    assert not read  # nothing read back
+    for t in (q_a, k_a, mlp_a):
+        live = lora_kernels._DERIVED[(id(t), "live")]
+        assert live[1] == t._version and live[2] == t.flatten(1).any(dim=1).tolist()
+        copy = lora_kernels._DERIVED[(id(t), "t")]
+        assert copy[1] == t._version and torch.equal(copy[2], lora_kernels._transposed(t))
+    lora_kernels.bgmv_shrink(x, q_a, out, torch.tensor([2, 2, 2, 0, -1]), 1.0)
+    expected = per_row(x, q_a, [2, 2, 2, 0, -1])
+    torch.testing.assert_close(out.double(), expected, **F32)

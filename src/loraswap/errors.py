@@ -91,19 +91,28 @@ async def send_http(send: Any, exc: ApiError) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def install(app: Any) -> None:
-    """Render :class:`ApiError` raised by any FastAPI route of ``app``; a dead engine (vLLM's
-    ``EngineDeadError``, whose own handler expects vLLM's server object) is a 503."""
-    from fastapi import Request
+async def _render(_: Any, exc: ApiError) -> Any:
     from fastapi.responses import JSONResponse
 
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+def install(app: Any) -> None:
+    """Render :class:`ApiError` raised by any FastAPI route of ``app`` (no vLLM import: the
+    BentoML CLI imports the service too, and vLLM costs it ~12 s)."""
+    app.add_exception_handler(ApiError, _render)
+
+
+def install_vllm(app: Any) -> None:
+    """vLLM's own exception handlers, then ours over them: a dead engine (vLLM's
+    ``EngineDeadError``, whose own handler expects vLLM's server object) is a 503. Called when
+    the engine first attaches; the middleware stack is rebuilt if a request already built it."""
     from . import vllm_compat
 
-    async def handler(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+    async def engine_dead(request: Any, _: Exception) -> Any:
+        return await _render(request, EngineUnavailable())
 
-    async def engine_dead(request: Request, _: Exception) -> JSONResponse:
-        return await handler(request, EngineUnavailable())
-
-    app.add_exception_handler(ApiError, handler)
+    vllm_compat.init_exception_handler(app)
+    app.add_exception_handler(ApiError, _render)
     app.add_exception_handler(vllm_compat.EngineDeadError, engine_dead)
+    app.middleware_stack = None  # Starlette copies the handlers when it builds the stack

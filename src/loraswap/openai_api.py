@@ -22,9 +22,9 @@ logger = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings) -> FastAPI:
-    """vLLM's routes carry their own ``/v1`` prefix. Exception handlers and middleware are
-    installed now, before the first request freezes the middleware stack, so client mistakes
-    become 4xx in the OpenAI error shape, not 500."""
+    """vLLM's routes carry their own ``/v1`` prefix. Nothing here imports vLLM: the BentoML CLI
+    imports the service before it starts the worker, and vLLM would cost it ~12 s of the start;
+    vLLM's routes and exception handlers join in :func:`attach_engine`."""
     from .adapters.router import router as adapters_router
     from .batches import router as batches_router
     from .console.router import router as console_router
@@ -42,8 +42,7 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.runtime = None
     app.state.tenancy = Tenancy(settings)  # outlives engine restarts, like the access layer
-    vllm_compat.init_exception_handler(app)
-    errors.install(app)
+    errors.install(app)  # vLLM's handlers join when the engine attaches (attach_engine)
     app.include_router(adapters_router)  # before vLLM's: its /v1/models lists adapters too
     app.include_router(native_router)
     app.include_router(batches_router)
@@ -93,6 +92,7 @@ async def attach_engine(app: FastAPI, client: EngineClient, args: Namespace) -> 
     app.state.args = args  # register_api_routers reads it
     if not getattr(app.state, "vllm_routes_mounted", False):
         ours = list(app.router.routes)
+        errors.install_vllm(app)
         vllm_compat.register_api_routers(args, app, supported_tasks, client.model_config)
         keep_listed_vllm_routes(app, ours)
         app.state.vllm_routes_mounted = True
