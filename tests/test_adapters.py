@@ -384,6 +384,7 @@ def test_adapter_memory_is_sized_at_start_and_shown(server, base_shapes):
     engine = httpx.get(f"{server.url}/info", timeout=30).json()["engine"]
     assert engine["max_loras"]["value"] == 4 and engine["max_loras"]["source"] == "setting"
     assert engine["max_cpu_loras"]["value"] == 8
-    slot = sizing.slot_bytes(base_shapes, 16, engine["dtype"]["value"])
+    dtype = engine["dtype"]["value"]
+    slot = sizing.slot_bytes(base_shapes, 16, dtype) + sizing.ops_bytes(base_shapes, 16, dtype)
     assert engine["adapter_host_bytes"]["value"] == 2 * sizing.GIB - 4 * slot
     assert "MiB" in engine["adapter_host_bytes"]["reason"]

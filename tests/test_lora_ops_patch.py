@@ -729,3 +729,126 @@ def test_activation_takes_targeted_modules_from_the_adapter(monkeypatch):
     lora_kernels.bgmv_shrink(x, q_a, out, torch.tensor([2, 2, 2, 0, -1]), 1.0)
     expected = per_row(x, q_a, [2, 2, 2, 0, -1])
     torch.testing.assert_close(out.double(), expected, **F32)
+
+
+# --- the fused layer op: every slice of a layer in one shrink and one expand GEMM ------------
+QKV_OUT = (64, 32, 32)
+
+
+def _qkv(dtype: torch.dtype, slots: int = 8, seed: int = 5, hidden=HIDDEN, rank=RANK, outs=QKV_OUT):
+    g = torch.Generator().manual_seed(seed)
+    a = tuple((torch.randn(slots, 1, rank, hidden, generator=g) * 0.05).to(dtype) for _ in outs)
+    b = tuple((torch.randn(slots, 1, n, rank, generator=g) * 0.05).to(dtype) for n in outs)
+    a[1][2].zero_()  # slot 2's adapter leaves k alone
+    b[1][2].zero_()
+    return a, b
+
+
+def _per_slice(y, x, a, b, idx):
+    """vLLM's CPU wrapper without the fusion: a shrink and an expand per slice."""
+    offset = 0
+    for la, lb, n in zip(a, b, QKV_OUT, strict=True):
+        buf = torch.zeros(len(idx), RANK)
+        lora_kernels.bgmv_shrink(x, la, buf, idx, 1.0)
+        lora_kernels.bgmv_expand_slice(buf, lb, y, idx, offset, n, True)
+        offset += n
+
+
+@DTYPES
+@pytest.mark.parametrize(
+    "indices", [[1] * 6, [0, -1, 2, 1, -1, 2], [-1] * 5, [2, 2, 2, 2, 3, 3, 3, 3, 3]]
+)
+def test_fused_layer_matches_the_per_slice_ops(dtype: torch.dtype, indices: list[int]):
+    a, b = _qkv(dtype)
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(len(indices), HIDDEN, generator=g).to(dtype)
+    base = torch.randn(len(indices), sum(QKV_OUT), generator=g).to(dtype)
+    idx = torch.tensor(indices)
+    fused, sliced = base.clone(), base.clone()
+    assert lora_kernels.lora_linear(fused, x, a, b, 1.0, QKV_OUT, idx)
+    _per_slice(sliced, x, a, b, idx)
+    torch.testing.assert_close(fused, sliced, **TOL[dtype])
+    for r, slot in enumerate(indices):
+        if slot < 0:
+            assert torch.equal(fused[r], base[r])  # no adapter: the row is left as it was
+
+
+def test_fused_layer_declines_layouts_it_was_not_written_for():
+    a, b = _qkv(torch.float32)
+    y = torch.zeros(4, sum(QKV_OUT))
+    x = torch.randn(4, HIDDEN)
+    assert not lora_kernels.lora_linear(y, x, a, b[:2], 1.0, QKV_OUT, torch.tensor([0, 1, 2, 3]))
+    assert not lora_kernels.lora_linear(y, x, a, b, 1.0, QKV_OUT, torch.tensor([0, 1]))
+    assert not y.any()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_fused_row_result_does_not_depend_on_the_rest_of_the_batch(dtype: torch.dtype):
+    """Through the fused layer op too, at SmolLM2's QKV sizes: alone or in any mix, a row gets
+    the same bits."""
+    hidden, outs = 576, (576, 192, 192)
+    a, b = _qkv(dtype, hidden=hidden, rank=16, outs=outs)
+    mixed = [3, 0, 1, -1, 2, 3, 5, 7] * 3 + [3] * 9 + [6, -1]
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(len(mixed), hidden, generator=g).to(dtype)
+    y_mixed = torch.zeros(len(mixed), sum(outs), dtype=dtype)
+    assert lora_kernels.lora_linear(y_mixed, x, a, b, 1.0, outs, torch.tensor(mixed))
+    same = torch.equal if _gemm_rows_invariant(dtype) else _equal_to_rounding
+    for r, slot in enumerate(mixed):
+        y_solo = torch.zeros(1, sum(outs), dtype=dtype)
+        lora_kernels.lora_linear(y_solo, x[r : r + 1], a, b, 1.0, outs, torch.tensor([slot]))
+        assert same(y_solo[0], y_mixed[r]), (r, slot)
+        if slot < 0:
+            assert not y_mixed[r].any()
+
+
+def test_activation_keeps_the_fused_forms_up_to_date(monkeypatch):
+    from types import SimpleNamespace
+
+    a, b = _qkv(torch.float32)
+    x = torch.randn(4, HIDDEN)
+    y = torch.zeros(4, sum(QKV_OUT))
+    with torch.inference_mode():  # the forward pass makes the fused forms
+        lora_kernels.lora_linear(y, x, a, b, 1.0, QKV_OUT, torch.tensor([0, 1, 2, 3]))
+    new_a = [torch.randn(RANK, HIDDEN), None, torch.randn(RANK, HIDDEN)]
+    new_b = [torch.randn(n, RANK) for n in QKV_OUT]
+    new_b[1] = None
+    adapter = SimpleNamespace(layers={"qkv": SimpleNamespace(lora_a=new_a, lora_b=new_b)})
+    manager = SimpleNamespace(
+        modules={"qkv": SimpleNamespace(lora_a_stacked=a, lora_b_stacked=b)},
+        lora_index_to_id=[None] * 8,
+        _registered_adapters={42: adapter},
+        _get_lora_layer_weights=lambda model, name: model.layers.get(name),
+    )
+
+    def vllm_activate(self, lora_id):  # set_lora on slot 4: k is reset to zeros
+        self.lora_index_to_id[4] = lora_id
+        for stack, new in ((a, new_a), (b, new_b)):
+            for t, w in zip(stack, new, strict=True):
+                t[4] = 0
+                if w is not None:
+                    t[4, 0].copy_(w)
+        return True
+
+    monkeypatch.setattr(lora_kernels, "ORIGINAL_ACTIVATE", [vllm_activate])
+    assert lora_kernels.activate_adapter(manager, 42)
+    ids = tuple(id(t) for t in a), tuple(id(t) for t in b)
+    shrink = lora_kernels._DERIVED[(ids[0], "shrink")]
+    expand = lora_kernels._DERIVED[(ids[1], "expand")]
+    assert shrink[1] == tuple(t._version for t in a)  # updated in place, not dropped
+    assert torch.equal(shrink[2], lora_kernels._shrink_form(a))
+    assert expand[1] == tuple(t._version for t in b)
+    assert torch.equal(expand[2], lora_kernels._expand_form(b))
+
+
+def test_punica_wrapper_runs_the_fused_layer_op():
+    from types import SimpleNamespace
+
+    a, b = _qkv(torch.float32)
+    idx = torch.tensor([0, -1, 2, 1])
+    x = torch.randn(4, HIDDEN)
+    fused, sliced = torch.zeros(4, sum(QKV_OUT)), torch.zeros(4, sum(QKV_OUT))
+    wrapper = SimpleNamespace(token_lora_indices=idx)
+    lora_kernels.add_lora_linear(wrapper, fused, x, a, b, 1.0, QKV_OUT)
+    _per_slice(sliced, x, a, b, idx)
+    torch.testing.assert_close(fused, sliced, **F32)

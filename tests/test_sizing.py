@@ -31,6 +31,16 @@ def test_slot_bytes_cover_every_lora_module_at_the_highest_rank():
     assert sizing.slot_bytes(SHAPES, 16, "bfloat16") == PER_RANK * 16 * 2
 
 
+def test_cpu_ops_copies_count_per_slot():
+    """lora_a once, lora_b once per slice of a packed layer (q/k/v: 3, gate/up: 2)."""
+    per_rank = 30 * (576 * 6 + 1536 + 3 * (576 + 192 + 192) + 576 + 2 * 3072 + 576)
+    assert sizing.ops_bytes(SHAPES, 16, "float32") == per_rank * 16 * 4
+    cpu = sizing.size(settings(), SHAPES, "float32", cpu_ops=True)
+    assert cpu.slot_bytes == sizing.slot_bytes(SHAPES, 16, "float32") + per_rank * 16 * 4
+    assert cpu.max_loras == 16  # 46 MiB a slot: sixteen still fit in half of 2 GiB
+    assert cpu.host_bytes == 2 * sizing.GIB - 16 * cpu.slot_bytes
+
+
 def test_default_budget_gives_sixteen_slots_and_the_rest_to_the_host_tier():
     mem = sizing.size(settings(), SHAPES, "float32")
     assert mem.max_loras == 16 and mem.max_cpu_loras == sizing.HOST_COUNT_CAP

@@ -148,7 +148,11 @@ def engine_choices(
             shapes = BaseModelShapes.from_checkpoint(model_path)
         except (OSError, ValueError):
             shapes = None
-    lora = sizing.choices(settings, shapes, str(dtype.value)) if settings.enable_lora else {}
+    lora = (
+        sizing.choices(settings, shapes, str(dtype.value), cpu_ops=cpu_build)
+        if settings.enable_lora
+        else {}
+    )
     return {
         "dtype": dtype,
         **lora,

@@ -35,11 +35,14 @@ UNSIZED_SLOTS = 8  # vLLM's own default, when the base model's shapes are not kn
 NOT_LORA = ("lm_head", "embed_tokens")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "half": 2}
 SAFETENSORS_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
+# Slices vLLM packs into one layer (q/k/v, gate/up): the CPU ops' expand copy of such a layer is
+# block-diagonal, that many times the size of its lora_b.
+PACKED = {"q_proj": 3, "k_proj": 3, "v_proj": 3, "gate_proj": 2, "up_proj": 2}
 
 
 @dataclass(frozen=True)
 class AdapterMemory:
-    slot_bytes: int
+    slot_bytes: int  # vLLM's stacked tensors, plus the CPU ops' copies where they run
     max_loras: int
     max_cpu_loras: int
     host_bytes: int
@@ -60,9 +63,24 @@ def slot_bytes(shapes: BaseModelShapes, rank: int, dtype: str) -> int:
     return per_rank * rank * dtype_bytes(dtype)
 
 
-def size(settings: Settings, shapes: BaseModelShapes, dtype: str) -> AdapterMemory:
+def ops_bytes(shapes: BaseModelShapes, rank: int, dtype: str) -> int:
+    """The CPU LoRA ops' copies of one slot (``vllm_plugin.lora_kernels``): lora_a transposed,
+    and lora_b transposed, block-diagonal across a packed layer's slices."""
+    per_rank = sum(
+        inp + out * PACKED.get(name.rsplit(".", 1)[-1], 1)
+        for name, (out, inp) in shapes.linear_shapes.items()
+        if name.rsplit(".", 1)[-1] not in NOT_LORA
+    )
+    return per_rank * rank * dtype_bytes(dtype)
+
+
+def size(
+    settings: Settings, shapes: BaseModelShapes, dtype: str, cpu_ops: bool = False
+) -> AdapterMemory:
     budget = int(settings.adapter_memory_gib * GIB)
     per_slot = slot_bytes(shapes, settings.max_lora_rank, dtype)
+    if cpu_ops:
+        per_slot += ops_bytes(shapes, settings.max_lora_rank, dtype)
     if settings.max_loras is not None:
         slots = settings.max_loras
     else:
@@ -73,8 +91,11 @@ def size(settings: Settings, shapes: BaseModelShapes, dtype: str) -> AdapterMemo
     return AdapterMemory(per_slot, slots, count, host)
 
 
-def choices(settings: Settings, shapes: BaseModelShapes | None, dtype: str) -> dict[str, Choice]:
-    """``max_loras``, ``max_cpu_loras`` and ``adapter_host_bytes``, each with why."""
+def choices(
+    settings: Settings, shapes: BaseModelShapes | None, dtype: str, cpu_ops: bool = False
+) -> dict[str, Choice]:
+    """``max_loras``, ``max_cpu_loras`` and ``adapter_host_bytes``, each with why; ``cpu_ops``:
+    the CPU LoRA ops run, and their copies count per slot."""
     from ..machine import Choice
 
     if shapes is None:  # no base model weights here (offline ``loraswap info``, a stand-in)
@@ -85,7 +106,7 @@ def choices(settings: Settings, shapes: BaseModelShapes | None, dtype: str) -> d
             "max_cpu_loras": Choice(settings.max_cpu_loras or HOST_COUNT_CAP,
                                     "setting" if settings.max_cpu_loras else "auto", why),
         }  # fmt: skip
-    mem = size(settings, shapes, dtype)
+    mem = size(settings, shapes, dtype, cpu_ops)
     budget = f"{settings.adapter_memory_gib:g} GiB adapter memory (LORASWAP_ADAPTER_MEMORY_GIB)"
     slot_mib = mem.slot_bytes / 2**20
     if settings.max_loras is not None:
@@ -95,7 +116,8 @@ def choices(settings: Settings, shapes: BaseModelShapes | None, dtype: str) -> d
     else:
         slots = Choice(
             mem.max_loras, "auto",
-            f"{slot_mib:.1f} MiB per slot (rank {settings.max_lora_rank}, {dtype}); up to "
+            f"{slot_mib:.1f} MiB per slot (rank {settings.max_lora_rank}, {dtype}"
+            f"{', with the CPU ops copies' if cpu_ops else ''}); up to "
             f"{SLOT_TARGET} (batches mix that many adapters; the ops cost per adapter in the "
             f"batch, not per slot) within {SLOT_SHARE:.0%} of {budget}",
         )  # fmt: skip

@@ -222,13 +222,28 @@ def activate_adapter(self: Any, lora_id: int) -> bool:
             holds_a, holds_b = (
                 written if written is not None else ((None,) * len(a_stack), (None,) * len(b_stack))
             )
-            for weights, holds in (
-                *zip(a_stack, holds_a, strict=True),
-                *zip(b_stack, holds_b, strict=True),
-            ):
-                if hasattr(weights, "_version"):
-                    _refresh_slot(weights, index, holds, before[id(weights)])
+            pairs = [
+                (w, h)
+                for w, h in (
+                    *zip(a_stack, holds_a, strict=True),
+                    *zip(b_stack, holds_b, strict=True),
+                )
+                if hasattr(w, "_version")
+            ]
+            # zeros before and after (from the liveness caches, before they are updated)
+            stays_zero = all(
+                h is False and _was_live(w, index, before[id(w)]) is False for w, h in pairs
+            )
+            for weights, holds in pairs:
+                _refresh_slot(weights, index, holds, before[id(weights)])
+            if len(pairs) == len(a_stack) + len(b_stack):
+                _refresh_forms(a_stack, b_stack, index, before, copy=not stays_zero)
     return activated
+
+
+def _was_live(weights: torch.Tensor, index: int, version: int) -> bool | None:
+    hit = _cached(weights, "live", version)
+    return hit[2][index] if hit is not None else None
 
 
 # The unpatched method, set by install().
@@ -236,19 +251,28 @@ ORIGINAL_ACTIVATE: list[Callable[..., bool]] = []
 
 
 def install() -> None:
-    """Wrap vLLM's ``LoRAModelManager.activate_adapter`` (see :func:`activate_adapter`)."""
+    """Wrap vLLM's ``LoRAModelManager.activate_adapter`` (see :func:`activate_adapter`) and
+    route ``PunicaWrapperCPU.add_lora_linear`` through :func:`lora_linear`."""
     from vllm.lora.model_manager import LoRAModelManager
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
     if not ORIGINAL_ACTIVATE:
         ORIGINAL_ACTIVATE.append(LoRAModelManager.activate_adapter)
         LoRAModelManager.activate_adapter = activate_adapter
+    if not ORIGINAL_LINEAR:
+        ORIGINAL_LINEAR.append(PunicaWrapperCPU.add_lora_linear)
+        PunicaWrapperCPU.add_lora_linear = add_lora_linear
+    fused_op()
 
 
 def uninstall() -> None:
     from vllm.lora.model_manager import LoRAModelManager
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
     if ORIGINAL_ACTIVATE:
         LoRAModelManager.activate_adapter = ORIGINAL_ACTIVATE.pop()
+    if ORIGINAL_LINEAR:
+        PunicaWrapperCPU.add_lora_linear = ORIGINAL_LINEAR.pop()
 
 
 def _update_transposed(copy: torch.Tensor, weights: torch.Tensor, index: int) -> None:
@@ -278,15 +302,19 @@ def _lora_matmul(
     on who shares its batch. ``None`` means every row is zero (no adapter in the batch, or only
     slots of zeros): callers skip the write.
     """
-    import torch
-
-    n_out = weights.shape[-2]
     batch = _grouping(indices)
     live = _live_slots(weights)
     if not any(live[s] for s in batch.slots):
         return None
-    x = inputs.to(weights.dtype)
     by_slot = _derived(weights, "t", _transposed)  # [slots, in, out], contiguous
+    return _grouped(inputs.to(weights.dtype), by_slot, batch)
+
+
+def _grouped(x: torch.Tensor, by_slot: torch.Tensor, batch: Grouping) -> torch.Tensor:
+    """``x[r] @ by_slot[slot of r]`` for every row (zeros for rows without an adapter)."""
+    import torch
+
+    n_out = by_slot.shape[-1]
     if batch.single is not None:
         short = -batch.rows % MIN_ROWS
         padded = torch.nn.functional.pad(x, (0, 0, 0, short)) if short else x
@@ -325,6 +353,252 @@ def _transposed(weights: torch.Tensor) -> torch.Tensor:
     n_slots, n_out, n_in = weights.shape[0], weights.shape[-2], weights.shape[-1]
     with torch.inference_mode(False):
         return weights.reshape(n_slots, n_out, n_in).transpose(1, 2).contiguous()
+
+
+def _stack_form(stack: tuple, kind: str, make: Callable[[tuple], Any]) -> Any:
+    """A derived form of one module's stacked tensors together (its slices), cached like
+    :func:`_derived` and valid while none of them was written."""
+    if any(t.is_inference() for t in stack):
+        return make(stack)
+    key = (tuple(id(t) for t in stack), kind)
+    versions = tuple(t._version for t in stack)
+    hit = _DERIVED.get(key)
+    if (
+        hit is None
+        or hit[1] != versions
+        or any(r() is not t for r, t in zip(hit[0], stack, strict=True))
+    ):
+        if len(_DERIVED) >= _DERIVED_CACHE_LIMIT:
+            _DERIVED.clear()
+        hit = _DERIVED[key] = (tuple(weakref.ref(t) for t in stack), versions, make(stack))
+    return hit[2]
+
+
+def _shrink_form(a_stack: tuple) -> torch.Tensor:
+    """The slices' lora_a side by side, transposed: [slots, in, slices * rank], so one GEMM
+    shrinks a row for every slice (q, k and v share their input)."""
+    import torch
+
+    with torch.inference_mode(False):
+        return torch.cat([_transposed(a) for a in a_stack], dim=2).contiguous()
+
+
+def _expand_form(b_stack: tuple) -> torch.Tensor:
+    """The slices' lora_b as one block-diagonal matrix per slot, transposed: [slots, slices *
+    rank, sum of out], so one GEMM expands every slice into its own columns; the zeros off the
+    diagonal sit in the same places for every row, whatever the batch holds."""
+    import torch
+
+    n_slots, rank = b_stack[0].shape[0], b_stack[0].shape[-1]
+    total = sum(b.shape[-2] for b in b_stack)
+    with torch.inference_mode(False):
+        form = b_stack[0].new_zeros(n_slots, rank * len(b_stack), total)
+        for i, (b, offset) in enumerate(zip(b_stack, _offsets(b_stack), strict=True)):
+            n_out = b.shape[-2]
+            form[:, i * rank : (i + 1) * rank, offset : offset + n_out] = b.reshape(
+                n_slots, n_out, rank
+            ).transpose(1, 2)
+    return form
+
+
+def _offsets(b_stack: tuple) -> list[int]:
+    offsets, at = [], 0
+    for b in b_stack:
+        offsets.append(at)
+        at += b.shape[-2]
+    return offsets
+
+
+def _update_shrink_form(form: torch.Tensor, a_stack: tuple, index: int) -> None:
+    rank, n_in = a_stack[0].shape[-2], a_stack[0].shape[-1]
+    for i, a in enumerate(a_stack):
+        form[index, :, i * rank : (i + 1) * rank].copy_(a[index].view(rank, n_in).T)
+
+
+def _update_expand_form(form: torch.Tensor, b_stack: tuple, index: int) -> None:
+    rank = b_stack[0].shape[-1]
+    for i, (b, offset) in enumerate(zip(b_stack, _offsets(b_stack), strict=True)):
+        n_out = b.shape[-2]
+        form[index, i * rank : (i + 1) * rank, offset : offset + n_out].copy_(
+            b[index].view(n_out, rank).T
+        )
+
+
+def _refresh_forms(a_stack: tuple, b_stack: tuple, index: int, before: dict, copy: bool) -> None:
+    """After vLLM wrote slot ``index`` of a module: update its fused forms' slot (``copy``) or,
+    when the slot held zeros and still does, only note the new versions."""
+    for stack, kind, update in (
+        (a_stack, "shrink", _update_shrink_form),
+        (b_stack, "expand", _update_expand_form),
+    ):
+        if not stack:
+            continue
+        key = (tuple(id(t) for t in stack), kind)
+        hit = _DERIVED.get(key)
+        if (
+            hit is None
+            or hit[1] != tuple(before.get(id(t)) for t in stack)
+            or any(r() is not t for r, t in zip(hit[0], stack, strict=True))
+        ):
+            continue
+        try:
+            if copy:
+                update(hit[2], stack, index)
+            _DERIVED[key] = (hit[0], tuple(t._version for t in stack), hit[2])
+        except Exception:  # never fail a load over a cache: remade when used
+            _DERIVED.pop(key, None)
+
+
+def fusable(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a_stacked: tuple,
+    lora_b_stacked: tuple,
+    output_slices: tuple,
+) -> bool:
+    """Whether a layer's tensors have the layout :func:`lora_linear` was written for (shapes
+    and dtypes only: what a compiled graph fixes when it is traced)."""
+    n = len(lora_a_stacked)
+    if not n or len(lora_b_stacked) != n or len(output_slices) != n:
+        return False
+    a0 = lora_a_stacked[0]
+    rank, dtype = a0.shape[-2], a0.dtype
+    if any(
+        a.shape[-2] != rank or a.shape[-1] != a0.shape[-1] or a.dtype != dtype
+        for a in lora_a_stacked
+    ) or any(
+        b.shape[-1] != rank or b.dtype != dtype or b.shape[-2] != size
+        for b, size in zip(lora_b_stacked, output_slices, strict=True)
+    ):
+        return False
+    return x.shape[-1] == a0.shape[-1] and y.shape[-1] >= sum(output_slices)
+
+
+def lora_linear(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a_stacked: tuple,
+    lora_b_stacked: tuple,
+    scale: float,
+    output_slices: tuple,
+    indices: torch.Tensor,
+) -> bool:
+    """vLLM's ``add_lora_linear`` for one layer, every slice at once: one shrink GEMM for all
+    slices and one block-diagonal expand GEMM, instead of a shrink and an expand per slice
+    (a fused QKV layer made six op calls, each regrouping and regathering the same rows).
+    The same per-row arithmetic rules as :func:`_lora_matmul` (one matrix form, multiples of
+    ``MIN_ROWS`` rows). False when the layout is not the one this was written for: the caller
+    runs vLLM's per-slice path."""
+    if not fusable(y, x, lora_a_stacked, lora_b_stacked, output_slices):
+        return False
+    rows = x.view(-1, x.shape[-1])
+    out = y.view(-1, y.shape[-1])
+    if indices.numel() < rows.shape[0] or out.shape[0] != rows.shape[0]:
+        return False
+    _run_fused(
+        out,
+        rows,
+        lora_a_stacked,
+        lora_b_stacked,
+        scale,
+        sum(output_slices),
+        indices[: rows.shape[0]],
+    )
+    return True
+
+
+def _run_fused(
+    out: torch.Tensor,
+    rows: torch.Tensor,
+    lora_a_stacked: tuple,
+    lora_b_stacked: tuple,
+    scale: float,
+    total: int,
+    indices: torch.Tensor,
+) -> None:
+    batch = _grouping(indices)
+    lives = [
+        (_live_slots(a), _live_slots(b))
+        for a, b in zip(lora_a_stacked, lora_b_stacked, strict=True)
+    ]
+    if not any(la[s] and lb[s] for la, lb in lives for s in batch.slots):
+        return  # no slot in the batch holds this layer's adapters: nothing to add
+    dtype = lora_a_stacked[0].dtype
+    shrunk = _grouped(rows.to(dtype), _stack_form(lora_a_stacked, "shrink", _shrink_form), batch)
+    if scale != 1.0:
+        shrunk = scale * shrunk
+    expanded = _grouped(shrunk, _stack_form(lora_b_stacked, "expand", _expand_form), batch)
+    out[:, :total] += expanded
+
+
+def _fused_op(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: list[torch.Tensor],
+    lora_b: list[torch.Tensor],
+    scale: float,
+    total: int,
+    token_indices: torch.Tensor,
+) -> None:
+    """:func:`lora_linear` as a torch custom op, opaque to torch.compile: the grouping depends
+    on the indices' values, which a traced graph must not fix."""
+    rows = x.view(-1, x.shape[-1])
+    _run_fused(y.view(-1, y.shape[-1]), rows, tuple(lora_a), tuple(lora_b), scale, total,
+               token_indices[: rows.shape[0]])  # fmt: skip
+
+
+FUSED_OP: list[Any] = []
+
+
+def fused_op() -> Any:
+    """``torch.ops.loraswap.lora_linear``, registered once per process (by :func:`install`,
+    outside any traced region)."""
+    if not FUSED_OP:
+        import torch
+
+        op = torch.library.custom_op(
+            "loraswap::lora_linear",
+            mutates_args=("y",),
+            schema="(Tensor(a!) y, Tensor x, Tensor[] lora_a, Tensor[] lora_b, float scale, "
+            "int total, Tensor token_indices) -> ()",
+        )(_fused_op)
+        op.register_fake(lambda y, x, lora_a, lora_b, scale, total, token_indices: None)
+        FUSED_OP.append(op)
+    return FUSED_OP[0]
+
+
+def add_lora_linear(
+    self: Any,
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a_stacked: tuple,
+    lora_b_stacked: tuple,
+    scale: float,
+    output_slices: tuple,
+    *,
+    buffer: Any = None,
+    **kwargs: Any,
+) -> None:
+    """``PunicaWrapperCPU.add_lora_linear`` through :func:`lora_linear`, or vLLM's own. Under
+    torch.compile the layer runs as one custom op fed the whole per-token index buffer."""
+    import torch
+
+    if buffer is None and torch.compiler.is_compiling():
+        if fusable(y, x, lora_a_stacked, lora_b_stacked, output_slices):
+            fused_op()(y, x, list(lora_a_stacked), list(lora_b_stacked), scale,
+                       sum(output_slices), self._token_lora_indices)  # fmt: skip
+            return
+    elif buffer is None and lora_linear(
+        y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, self.token_lora_indices
+    ):
+        return
+    ORIGINAL_LINEAR[0](
+        self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, buffer=buffer, **kwargs
+    )
+
+
+# The unpatched PunicaWrapperCPU.add_lora_linear, set by install().
+ORIGINAL_LINEAR: list[Callable[..., None]] = []
 
 
 def bgmv_expand(
