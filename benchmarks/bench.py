@@ -42,7 +42,16 @@ from loraswap.machine import engine_choices, read_cpu
 from loraswap.model_import import import_model, packaged_gguf
 
 RESULTS = ROOT / "benchmarks" / "results"
-SYSTEMS = ("loraswap", "loraswap-w8a8", "vllm", "vllm-nolora", "vllm-eager", "hf", "llamacpp")
+SYSTEMS = (
+    "loraswap",
+    "loraswap-compiled",
+    "loraswap-w8a8",
+    "vllm",
+    "vllm-nolora",
+    "vllm-eager",
+    "hf",
+    "llamacpp",
+)
 CONCURRENCY = (1, 8, 32)
 MIXED_CONCURRENCY = 32
 N_ADAPTERS = 8
@@ -142,13 +151,15 @@ class Bench:
 
     def server(self, system: str) -> ServerProcess:
         log = self.logs / f"{system}.log"
-        if system in ("loraswap", "loraswap-w8a8"):
+        if system in ("loraswap", "loraswap-compiled", "loraswap-w8a8"):
             env = {
                 "LORASWAP_ADAPTER_ROOTS": json.dumps([str(self.adapter_root)]),
                 "LORASWAP_STATE_DIR": str(self.work / "state"),
                 "LORASWAP_REGISTRY_URI": str(self.work / "state" / "registry.json"),
                 "LORASWAP_MAX_CONCURRENT_REQUESTS": "256",
             }
+            if system == "loraswap-compiled":  # torch.compile with LoRA on (opt-in setting)
+                env["LORASWAP_COMPILE_LORA"] = "true"
             if system == "loraswap-w8a8":
                 quantized = import_model(self.model_dir, name=f"{self.base}-w8a8", quantize="w8a8")
                 env["LORASWAP_BASE_MODEL"] = quantized.tag
@@ -215,7 +226,7 @@ class Bench:
             if system in ("loraswap", "loraswap-w8a8"):
                 scores = quality.measure(server.url, self.base)
                 self.extra.setdefault("quality", {})[system] = scores
-            if system in ("loraswap", "loraswap-w8a8", "vllm"):
+            if system in ("loraswap", "loraswap-compiled", "loraswap-w8a8", "vllm"):
                 self.warm_adapters(server.url)
                 modules = [self.base, *self.adapters]
                 prompts = prompts_for(MIXED_CONCURRENCY, quick)

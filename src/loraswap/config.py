@@ -86,6 +86,14 @@ class Settings(BaseSettings):
     )
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs to shard the model over.")
     enforce_eager: bool = Field(False, description="Disable graph capture/compilation.")
+    compile_lora: bool = Field(
+        False,
+        description=(
+            "CPU: compile the model with torch.compile even with LoRA on (vLLM runs LoRA "
+            "engines eager; loraswap's LoRA op is opaque to the compiler). Faster serving, but "
+            "vLLM 0.32 recompiles on every start (+30-45 s): off by default."
+        ),
+    )
     vllm_args: str = Field(
         "",
         description=(
@@ -324,6 +332,8 @@ class Settings(BaseSettings):
         }
         if self.cpu_worker_in_engine_process and self.tensor_parallel_size == 1:
             env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        if self.compile_lora and self.enable_lora and not self.enforce_eager:
+            env["LORASWAP_COMPILE_LORA"] = "1"  # read by the plugin where vLLM builds its config
         return env
 
     def omp_threads_bind(self) -> str:

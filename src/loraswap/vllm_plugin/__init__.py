@@ -119,6 +119,8 @@ def apply() -> None:
     replacements from ``vllm.lora.ops.torch_ops``. Safe to call more than once.
     """
     if APPLIED:
+        if APPLIED[0] == patch_name(lora_kernels) and lora_kernels.compile_asked():
+            lora_kernels.compile_with_lora()  # asked for after the first apply in this process
         return
     wanted = [p for p in PATCHES if _enabled(p.ENV_VAR)] if _enabled(LEGACY_ENV_VAR) else []
     if not wanted:

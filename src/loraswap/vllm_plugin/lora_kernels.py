@@ -14,6 +14,8 @@ released).
 
 from __future__ import annotations
 
+import logging
+import os
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +26,8 @@ from .sgmv import sgmv_ops
 
 if TYPE_CHECKING:
     import torch
+
+logger = logging.getLogger(__name__)
 
 ENV_VAR = "LORASWAP_LORA_KERNELS"
 # vLLM versions whose ops (signatures, in-place semantics) these replace; apply() refuses others.
@@ -263,6 +267,40 @@ def install() -> None:
         ORIGINAL_LINEAR.append(PunicaWrapperCPU.add_lora_linear)
         PunicaWrapperCPU.add_lora_linear = add_lora_linear
     fused_op()
+    if compile_asked():
+        compile_with_lora()
+
+
+# Set by the engine (``LORASWAP_COMPILE_LORA``): keep torch.compile on for LoRA engines.
+COMPILE_ENV = "LORASWAP_COMPILE_LORA"
+ORIGINAL_CHECK: list[Any] = []
+
+
+def compile_asked() -> bool:
+    return os.environ.get(COMPILE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def compile_with_lora() -> None:
+    """vLLM's CPU platform turns compilation off whenever LoRA is on, because its LoRA ops
+    decide in Python from the batch (which a traced graph would fix). Here every LoRA layer is
+    one opaque custom op fed the per-token index buffer, so the compiled graph stays right:
+    keep the mode the platform picked before it turned compilation off."""
+    from vllm.config import CompilationMode
+    from vllm.platforms.cpu import CpuPlatform
+
+    if ORIGINAL_CHECK:
+        return
+    original = CpuPlatform.check_and_update_config.__func__
+    ORIGINAL_CHECK.append(original)
+
+    def check_and_update_config(cls: Any, vllm_config: Any) -> None:
+        wanted = vllm_config.compilation_config.mode
+        original(cls, vllm_config)
+        if vllm_config.lora_config is not None and wanted == CompilationMode.VLLM_COMPILE:
+            vllm_config.compilation_config.mode = CompilationMode.DYNAMO_TRACE_ONCE
+            logger.info("loraswap: LoRA engine compiled (LORASWAP_COMPILE_LORA)")
+
+    CpuPlatform.check_and_update_config = classmethod(check_and_update_config)
 
 
 def uninstall() -> None:
@@ -273,6 +311,10 @@ def uninstall() -> None:
         LoRAModelManager.activate_adapter = ORIGINAL_ACTIVATE.pop()
     if ORIGINAL_LINEAR:
         PunicaWrapperCPU.add_lora_linear = ORIGINAL_LINEAR.pop()
+    if ORIGINAL_CHECK:
+        from vllm.platforms.cpu import CpuPlatform
+
+        CpuPlatform.check_and_update_config = classmethod(ORIGINAL_CHECK.pop())
 
 
 def _update_transposed(copy: torch.Tensor, weights: torch.Tensor, index: int) -> None:
