@@ -44,7 +44,7 @@ from loraswap.model_import import import_model, packaged_gguf
 RESULTS = ROOT / "benchmarks" / "results"
 SYSTEMS = (
     "loraswap",
-    "loraswap-compiled",
+    "loraswap-eager",
     "loraswap-w8a8",
     "vllm",
     "vllm-nolora",
@@ -151,15 +151,15 @@ class Bench:
 
     def server(self, system: str) -> ServerProcess:
         log = self.logs / f"{system}.log"
-        if system in ("loraswap", "loraswap-compiled", "loraswap-w8a8"):
+        if system in ("loraswap", "loraswap-eager", "loraswap-w8a8"):
             env = {
                 "LORASWAP_ADAPTER_ROOTS": json.dumps([str(self.adapter_root)]),
                 "LORASWAP_STATE_DIR": str(self.work / "state"),
                 "LORASWAP_REGISTRY_URI": str(self.work / "state" / "registry.json"),
                 "LORASWAP_MAX_CONCURRENT_REQUESTS": "256",
             }
-            if system == "loraswap-compiled":  # torch.compile with LoRA on (opt-in setting)
-                env["LORASWAP_COMPILE_LORA"] = "true"
+            if system == "loraswap-eager":  # without torch.compile (vLLM's own choice with LoRA)
+                env["LORASWAP_COMPILE_LORA"] = "false"
             if system == "loraswap-w8a8":
                 quantized = import_model(self.model_dir, name=f"{self.base}-w8a8", quantize="w8a8")
                 env["LORASWAP_BASE_MODEL"] = quantized.tag
@@ -226,7 +226,7 @@ class Bench:
             if system in ("loraswap", "loraswap-w8a8"):
                 scores = quality.measure(server.url, self.base)
                 self.extra.setdefault("quality", {})[system] = scores
-            if system in ("loraswap", "loraswap-compiled", "loraswap-w8a8", "vllm"):
+            if system in ("loraswap", "loraswap-eager", "loraswap-w8a8", "vllm"):
                 self.warm_adapters(server.url)
                 modules = [self.base, *self.adapters]
                 prompts = prompts_for(MIXED_CONCURRENCY, quick)
