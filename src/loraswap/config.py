@@ -333,8 +333,8 @@ class Settings(BaseSettings):
         }
         if self.cpu_worker_in_engine_process and self.tensor_parallel_size == 1:
             env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        if self.compile_lora and self.enable_lora and not self.enforce_eager:
-            env["LORASWAP_COMPILE_LORA"] = "1"  # read by the plugin where vLLM builds its config
+        # read by the plugin where vLLM builds its config (false: the engine choice said no)
+        env["LORASWAP_COMPILE_LORA"] = "1" if self.compile_lora and not self.enforce_eager else "0"
         return env
 
     def omp_threads_bind(self) -> str:

@@ -131,6 +131,28 @@ def choose_dtype(caps: CpuCaps | None, requested: str, batch_invariant: bool = T
     )  # fmt: skip
 
 
+def cxx_compiler() -> str | None:
+    """The C++ compiler torch.compile's CPU backend builds its kernels with, if any."""
+    import shutil
+
+    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def compile_choice(settings: Settings) -> Choice:
+    """torch.compile for a LoRA engine on CPU: on unless turned off, eager, or no C++ compiler."""
+    if not settings.compile_lora:
+        return Choice(False, "setting", "LORASWAP_COMPILE_LORA=false")
+    if settings.enforce_eager:
+        return Choice(False, "setting", "enforce_eager")
+    compiler = cxx_compiler()
+    if compiler is None:
+        return Choice(False, "auto", "no C++ compiler (g++) here for torch.compile's CPU kernels")
+    return Choice(True, "auto", f"compiled with LoRA on (1.2-1.35x tok/s measured; {compiler})")
+
+
 def engine_choices(
     settings: Settings, cpu_build: bool, model_path: str | None = None
 ) -> dict[str, Choice]:
@@ -153,9 +175,13 @@ def engine_choices(
         if settings.enable_lora
         else {}
     )
+    compiled = {}
+    if cpu_build and settings.enable_lora:
+        compiled = {"compile_lora": compile_choice(settings)}
     return {
         "dtype": dtype,
         **lora,
+        **compiled,
         "chat_template": Choice(*chat_template_choice(settings)),
         "tool_call_parser": Choice(*tool_parser_choice(settings)),
     }

@@ -290,6 +290,13 @@ def compile_with_lora() -> None:
 
     if ORIGINAL_CHECK:
         return
+    from loraswap.machine import cxx_compiler
+
+    if cxx_compiler() is None:
+        logger.warning(
+            "loraswap: no C++ compiler (g++) for torch.compile: the LoRA engine runs eager"
+        )
+        return
     original = CpuPlatform.check_and_update_config.__func__
     ORIGINAL_CHECK.append(original)
 
