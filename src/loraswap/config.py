@@ -333,7 +333,7 @@ class Settings(BaseSettings):
         }
         if self.cpu_worker_in_engine_process and self.tensor_parallel_size == 1:
             env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        # read by the plugin where vLLM builds its config (false: the engine choice said no)
+        # read by the plugin where vLLM builds its config; it also checks for a C++ compiler
         env["LORASWAP_COMPILE_LORA"] = "1" if self.compile_lora and not self.enforce_eager else "0"
         return env
 

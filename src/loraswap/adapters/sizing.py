@@ -53,24 +53,24 @@ def dtype_bytes(dtype: str) -> int:
     return DTYPE_BYTES.get(dtype, 2)
 
 
+def _lora_linears(shapes: BaseModelShapes) -> list[tuple[str, int, int]]:
+    """(module kind such as ``q_proj``, out, in) of every LoRA-able linear module."""
+    kinds = (
+        (name.rsplit(".", 1)[-1], out, inp) for name, (out, inp) in shapes.linear_shapes.items()
+    )
+    return [(kind, out, inp) for kind, out, inp in kinds if kind not in NOT_LORA]
+
+
 def slot_bytes(shapes: BaseModelShapes, rank: int, dtype: str) -> int:
     """One slot: A (rank x in) and B (out x rank) for every LoRA-able linear module."""
-    per_rank = sum(
-        out + inp
-        for name, (out, inp) in shapes.linear_shapes.items()
-        if name.rsplit(".", 1)[-1] not in NOT_LORA
-    )
+    per_rank = sum(out + inp for _, out, inp in _lora_linears(shapes))
     return per_rank * rank * dtype_bytes(dtype)
 
 
 def ops_bytes(shapes: BaseModelShapes, rank: int, dtype: str) -> int:
     """The CPU LoRA ops' copies of one slot (``vllm_plugin.lora_kernels``): lora_a transposed,
     and lora_b transposed, block-diagonal across a packed layer's slices."""
-    per_rank = sum(
-        inp + out * PACKED.get(name.rsplit(".", 1)[-1], 1)
-        for name, (out, inp) in shapes.linear_shapes.items()
-        if name.rsplit(".", 1)[-1] not in NOT_LORA
-    )
+    per_rank = sum(inp + out * PACKED.get(kind, 1) for kind, out, inp in _lora_linears(shapes))
     return per_rank * rank * dtype_bytes(dtype)
 
 

@@ -183,15 +183,16 @@ def _cached(weights: torch.Tensor, kind: str, version: int) -> tuple | None:
     return hit
 
 
-def _refresh_slot(weights: torch.Tensor, index: int, holds: bool | None, version: int) -> None:
+def _refresh_slot(weights: torch.Tensor, index: int, holds: bool | None, version: int) -> bool:
     """Bring the cached derived forms of ``weights`` up to date after vLLM wrote slot ``index``;
     ``holds`` says whether it now holds a matrix (None: unknown, read it). A slot of zeros that
-    stays zeros costs no tensor work: most modules an adapter does not target."""
+    stays zeros costs no tensor work: most modules an adapter does not target. True when the
+    slot is known to have held zeros before the write and after it."""
     live_hit = _cached(weights, "live", version)
     t_hit = _cached(weights, "t", version)
-    if live_hit is None and t_hit is None:
-        return
     was_live = live_hit[2][index] if live_hit is not None else None
+    if live_hit is None and t_hit is None:
+        return False
     now_live = holds if holds is not None else bool(weights[index].any())
     try:
         if live_hit is not None:
@@ -208,6 +209,7 @@ def _refresh_slot(weights: torch.Tensor, index: int, holds: bool | None, version
     except Exception:  # never fail a load over a cache: remade when used
         _DERIVED.pop((id(weights), "live"), None)
         _DERIVED.pop((id(weights), "t"), None)
+    return was_live is False and not now_live
 
 
 def activate_adapter(self: Any, lora_id: int) -> bool:
@@ -234,20 +236,10 @@ def activate_adapter(self: Any, lora_id: int) -> bool:
                 )
                 if hasattr(w, "_version")
             ]
-            # zeros before and after (from the liveness caches, before they are updated)
-            stays_zero = all(
-                h is False and _was_live(w, index, before[id(w)]) is False for w, h in pairs
-            )
-            for weights, holds in pairs:
-                _refresh_slot(weights, index, holds, before[id(weights)])
+            stays_zero = [_refresh_slot(w, index, h, before[id(w)]) for w, h in pairs]
             if len(pairs) == len(a_stack) + len(b_stack):
-                _refresh_forms(a_stack, b_stack, index, before, copy=not stays_zero)
+                _refresh_forms(a_stack, b_stack, index, before, copy=not all(stays_zero))
     return activated
-
-
-def _was_live(weights: torch.Tensor, index: int, version: int) -> bool | None:
-    hit = _cached(weights, "live", version)
-    return hit[2][index] if hit is not None else None
 
 
 # The unpatched method, set by install().
@@ -434,16 +426,25 @@ def _stack_form(stack: tuple, kind: str, make: Callable[[tuple], Any]) -> Any:
         return make(stack)
     key = (tuple(id(t) for t in stack), kind)
     versions = tuple(t._version for t in stack)
-    hit = _DERIVED.get(key)
+    hit = _stack_hit(stack, kind, versions)
+    if hit is None:
+        if len(_DERIVED) >= _DERIVED_CACHE_LIMIT:
+            _DERIVED.clear()
+        hit = _DERIVED[key] = (tuple(weakref.ref(t) for t in stack), versions, make(stack))
+    return hit[2]
+
+
+def _stack_hit(stack: tuple, kind: str, versions: tuple) -> tuple | None:
+    """The cached ``kind`` form of ``stack`` if it was made from these very tensors at these
+    versions, else None."""
+    hit = _DERIVED.get((tuple(id(t) for t in stack), kind))
     if (
         hit is None
         or hit[1] != versions
         or any(r() is not t for r, t in zip(hit[0], stack, strict=True))
     ):
-        if len(_DERIVED) >= _DERIVED_CACHE_LIMIT:
-            _DERIVED.clear()
-        hit = _DERIVED[key] = (tuple(weakref.ref(t) for t in stack), versions, make(stack))
-    return hit[2]
+        return None
+    return hit
 
 
 def _shrink_form(a_stack: tuple) -> torch.Tensor:
@@ -506,12 +507,8 @@ def _refresh_forms(a_stack: tuple, b_stack: tuple, index: int, before: dict, cop
         if not stack:
             continue
         key = (tuple(id(t) for t in stack), kind)
-        hit = _DERIVED.get(key)
-        if (
-            hit is None
-            or hit[1] != tuple(before.get(id(t)) for t in stack)
-            or any(r() is not t for r, t in zip(hit[0], stack, strict=True))
-        ):
+        hit = _stack_hit(stack, kind, tuple(before.get(id(t)) for t in stack))
+        if hit is None:
             continue
         try:
             if copy:
@@ -564,18 +561,9 @@ def lora_linear(
     if not fusable(y, x, lora_a_stacked, lora_b_stacked, output_slices):
         return False
     rows = x.view(-1, x.shape[-1])
-    out = y.view(-1, y.shape[-1])
-    if indices.numel() < rows.shape[0] or out.shape[0] != rows.shape[0]:
+    if indices.numel() < rows.shape[0] or y.view(-1, y.shape[-1]).shape[0] != rows.shape[0]:
         return False
-    _run_fused(
-        out,
-        rows,
-        lora_a_stacked,
-        lora_b_stacked,
-        scale,
-        sum(output_slices),
-        indices[: rows.shape[0]],
-    )
+    _fused_op(y, x, lora_a_stacked, lora_b_stacked, scale, sum(output_slices), indices)
     return True
 
 
@@ -612,8 +600,9 @@ def _fused_op(
     total: int,
     token_indices: torch.Tensor,
 ) -> None:
-    """:func:`lora_linear` as a torch custom op, opaque to torch.compile: the grouping depends
-    on the indices' values, which a traced graph must not fix."""
+    """:func:`lora_linear`'s work, also registered as a torch custom op (opaque to
+    torch.compile: the grouping depends on the indices' values, which a traced graph must not
+    fix). ``token_indices`` may be longer than the rows: vLLM's whole per-token buffer."""
     rows = x.view(-1, x.shape[-1])
     _run_fused(y.view(-1, y.shape[-1]), rows, tuple(lora_a), tuple(lora_b), scale, total,
                token_indices[: rows.shape[0]])  # fmt: skip
