@@ -81,6 +81,14 @@ class Settings(BaseSettings):
             "sooner, same speed."
         ),
     )
+    warm_engine_start: bool = Field(
+        True,
+        description=(
+            "CPU only: fork vLLM's engine process from a server that imports the engine's "
+            "modules while this process imports its own, instead of spawning it after: starts "
+            "~10 s sooner on 2 cores. Falls back to spawning when the environment differs."
+        ),
+    )
     gpu_memory_utilization: float = Field(
         0.9, gt=0, le=1, description="GPU only: fraction of GPU memory vLLM may take."
     )

@@ -9,7 +9,7 @@ from argparse import Namespace
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING
 
-from . import vllm_compat
+from . import engine_fork, vllm_compat
 from .config import Settings
 from .machine import Choice, engine_choices
 
@@ -98,6 +98,8 @@ class Engine:
         self._stack = AsyncExitStack()
 
     async def start(self) -> EngineClient:
+        if self.settings.warm_engine_start:
+            engine_fork.start_server(self.settings.cpu_engine_env())
         export_cpu_env(self.settings)
         vllm_compat.check_version()
         self.choices = engine_choices(self.settings, is_cpu_build(), self.model_path)
@@ -106,6 +108,7 @@ class Engine:
         self.resolved = with_choices(self.settings, self.choices)
         self.args = parse_engine_args(self.resolved, self.model_path)
         logger.info("starting vLLM engine for %s", self.model_path)
+        engine_fork.install()
         self.client = await self._stack.enter_async_context(
             vllm_compat.build_async_engine_client(self.args)
         )
