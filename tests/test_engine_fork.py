@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from loraswap import engine_fork
@@ -113,4 +116,11 @@ def test_the_real_servers_engine_was_forked_from_the_warm_server(server) -> None
     log = server.log_path.read_text(errors="replace")
     assert "engine process forked from the warm fork server" in log, server.log_tail()
     core = server.engine_core()
-    assert "forkserver" in " ".join(core.parent().cmdline())
+    fork_server = core.parent()
+    assert "forkserver" in " ".join(fork_server.cmdline())
+    # BentoML's process manager sends its stop signal to the worker's children: the fork server
+    # outlives it (vLLM takes the engine for dead once the process that forked it exits)
+    fork_server.send_signal(signal.SIGTERM)
+    time.sleep(2)
+    assert fork_server.is_running() and core.is_running()
+    assert httpx.get(f"{server.url}/readyz", timeout=30).status_code == 200
