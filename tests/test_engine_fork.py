@@ -115,6 +115,8 @@ def test_the_real_servers_engine_was_forked_from_the_warm_server(server) -> None
         pytest.skip("the warm start is for the CPU build")
     log = server.log_path.read_text(errors="replace")
     assert "engine process forked from the warm fork server" in log, server.log_tail()
+    engine = httpx.get(f"{server.url}/info", timeout=30).json()["engine"]
+    assert engine["engine_process"]["value"] == "forked", engine["engine_process"]
     core = server.engine_core()
     fork_server = core.parent()
     assert "forkserver" in " ".join(fork_server.cmdline())

@@ -112,6 +112,9 @@ class Engine:
         self.client = await self._stack.enter_async_context(
             vllm_compat.build_async_engine_client(self.args)
         )
+        started = engine_fork.started()
+        if started is not None:
+            self.choices["engine_process"] = Choice(started[0], "auto", started[1])
         return self.client
 
     async def stop(self) -> None:

@@ -56,6 +56,8 @@ def platform_env() -> dict[str, str]:
 
 _server_env: dict[str, str] | None = None
 _installed: list[Any] = []
+# How the latest engine process started and why (shown by /info and `loraswap info`).
+_started: list[tuple[str, str]] = []
 
 
 def cpu_build() -> bool:
@@ -129,6 +131,11 @@ def start_server(engine_env: dict[str, str]) -> bool:
     return True
 
 
+def started() -> tuple[str, str] | None:
+    """("forked" or "spawned", why) for the latest engine process started through here."""
+    return _started[0] if _started else None
+
+
 def forkable() -> str | None:
     """None when an engine process can be forked from the server now, else why not."""
     if _server_env is None:
@@ -153,6 +160,8 @@ class EngineProcess(SpawnProcess):
     @staticmethod
     def _Popen(process_obj: Any) -> Any:
         reason = forkable()
+        _started[:] = [("forked", "from the warm fork server") if reason is None
+                       else ("spawned", reason)]  # fmt: skip
         if reason is None:
             from multiprocessing.popen_forkserver import Popen
 
