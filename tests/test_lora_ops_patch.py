@@ -19,7 +19,7 @@ import vllm.lora.ops.torch_ops as torch_ops_pkg
 import vllm.lora.ops.torch_ops.lora_ops as lora_ops
 
 from loraswap import vllm_plugin
-from loraswap.vllm_plugin import lora_index_fix, lora_kernels
+from loraswap.vllm_plugin import lora_index_fix, lora_kernels, row_kernel
 
 N_SLOTS = 3  # max_loras; slot N_SLOTS - 1 is what index -1 wrongly reads
 HIDDEN, RANK, OUT = 16, 4, 12
@@ -783,17 +783,23 @@ def test_fused_layer_declines_layouts_it_was_not_written_for():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_fused_row_result_does_not_depend_on_the_rest_of_the_batch(dtype: torch.dtype):
+def test_fused_row_result_does_not_depend_on_the_rest_of_the_batch(
+    dtype: torch.dtype, float32_path: str
+):
     """Through the fused layer op too, at SmolLM2's QKV sizes: alone or in any mix, a row gets
-    the same bits."""
+    the same bits (float32 through the row kernel and through the torch ops)."""
+    if dtype == torch.bfloat16 and float32_path == "row-kernel":
+        pytest.skip("bf16 runs the torch ops only")
     hidden, outs = 576, (576, 192, 192)
     a, b = _qkv(dtype, hidden=hidden, rank=16, outs=outs)
+    a[0][5, 0, 8:] = 0  # slot 5 holds a rank-8 adapter, zero-padded to 16
     mixed = [3, 0, 1, -1, 2, 3, 5, 7] * 3 + [3] * 9 + [6, -1]
     g = torch.Generator().manual_seed(4)
     x = torch.randn(len(mixed), hidden, generator=g).to(dtype)
     y_mixed = torch.zeros(len(mixed), sum(outs), dtype=dtype)
     assert lora_kernels.lora_linear(y_mixed, x, a, b, 1.0, outs, torch.tensor(mixed))
-    same = torch.equal if _gemm_rows_invariant(dtype) else _equal_to_rounding
+    by_construction = dtype == torch.float32 and float32_path == "row-kernel"
+    same = torch.equal if by_construction or _gemm_rows_invariant(dtype) else _equal_to_rounding
     for r, slot in enumerate(mixed):
         y_solo = torch.zeros(1, sum(outs), dtype=dtype)
         lora_kernels.lora_linear(y_solo, x[r : r + 1], a, b, 1.0, outs, torch.tensor([slot]))
@@ -802,7 +808,24 @@ def test_fused_row_result_does_not_depend_on_the_rest_of_the_batch(dtype: torch.
             assert not y_mixed[r].any()
 
 
-def test_activation_keeps_the_fused_forms_up_to_date(monkeypatch):
+@pytest.fixture
+def torch_ops(monkeypatch):
+    """The torch ops only, as on a machine without a C compiler (float32 runs the row kernel
+    otherwise)."""
+    monkeypatch.setattr(row_kernel, "_LIBRARY", [None])
+
+
+@pytest.fixture(params=["row-kernel", "torch-ops"])
+def float32_path(request, monkeypatch):
+    if request.param == "row-kernel":
+        if row_kernel.kernel() is None:
+            pytest.skip("no C compiler here for the row kernel")
+    else:
+        monkeypatch.setattr(row_kernel, "_LIBRARY", [None])
+    return request.param
+
+
+def test_activation_keeps_the_fused_forms_up_to_date(monkeypatch, torch_ops):
     from types import SimpleNamespace
 
     a, b = _qkv(torch.float32)
@@ -852,3 +875,122 @@ def test_punica_wrapper_runs_the_fused_layer_op():
     lora_kernels.add_lora_linear(wrapper, fused, x, a, b, 1.0, QKV_OUT)
     _per_slice(sliced, x, a, b, idx)
     torch.testing.assert_close(fused, sliced, **F32)
+
+
+# --- the float32 row kernel (row_kernel, lora_rows.c) -----------------------------------------
+KERNEL_RANK = 16  # SmolLM2's adapters' largest rank: room for rank-8 ones padded to it
+
+
+def _reference(x, a, b, idx, outs, scale):
+    """Each row's delta in float64, from the stacked tensors as they are."""
+    y = torch.zeros(len(idx), sum(outs), dtype=torch.float64)
+    for r, slot in enumerate(idx):
+        if slot < 0:
+            continue
+        offset = 0
+        for la, lb, n in zip(a, b, outs, strict=True):
+            shrunk = scale * (x[r].double() @ la[slot, 0].double().T)
+            y[r, offset : offset + n] = shrunk @ lb[slot, 0].double().T
+            offset += n
+    return y
+
+
+@pytest.fixture
+def kernel():
+    function = row_kernel.kernel()
+    if function is None:
+        pytest.skip("no C compiler here for the row kernel")
+    return function
+
+
+@pytest.mark.parametrize("rows", [1, 5, 16, 70], ids=lambda n: f"{n}-rows")
+def test_row_kernel_matches_the_per_row_reference(kernel, rows: int):
+    """Mixed slots, base rows, a rank-8 adapter padded to 16, a slice an adapter leaves alone,
+    a scale, and a strided output (the layer's y is wider than the LoRA slices)."""
+    a, b = _qkv(torch.float32, rank=KERNEL_RANK)
+    a[0][3, 0, 8:] = 0
+    b[0][3, 0, :, 8:] = 0
+    g = torch.Generator().manual_seed(rows)
+    idx = torch.randint(-1, 8, (rows,), generator=g)
+    x = torch.randn(rows, HIDDEN, generator=g)
+    base = torch.randn(rows, sum(QKV_OUT) + 7, generator=g)
+    y = base.clone()
+    assert lora_kernels.lora_linear(y, x, a, b, 0.5, QKV_OUT, idx)
+    want = _reference(x, a, b, idx.tolist(), QKV_OUT, 0.5)
+    torch.testing.assert_close(y[:, : sum(QKV_OUT)].double() - base[:, : sum(QKV_OUT)], want,
+                               **F32)  # fmt: skip
+    assert torch.equal(y[:, sum(QKV_OUT) :], base[:, sum(QKV_OUT) :])
+    for r in (idx < 0).nonzero().flatten().tolist():
+        assert torch.equal(y[r], base[r])
+
+
+def test_row_kernel_ranks_skip_only_zeros():
+    a, b = _qkv(torch.float32, rank=KERNEL_RANK)
+    a[0][3, 0, 8:] = 0  # rank 8 in a rank-16 slot
+    b[2][6, 0, :, 12:] = 0  # lora_b zero past 12: positions past it add zeros too
+    ranks = row_kernel.ranks_of(a, b)
+    assert ranks.dtype == torch.int32 and ranks.shape == (8, 3)
+    assert ranks[3].tolist() == [8, KERNEL_RANK, KERNEL_RANK]
+    assert ranks[2].tolist() == [KERNEL_RANK, 0, KERNEL_RANK]  # _qkv: slot 2 leaves k alone
+    assert ranks[6].tolist() == [KERNEL_RANK, KERNEL_RANK, 12]
+    assert torch.equal(row_kernel.ranks_of(a, b, 3), ranks[3])
+
+
+def test_activation_updates_the_row_kernel_ranks_of_its_slot(kernel, monkeypatch):
+    from types import SimpleNamespace
+
+    a, b = _qkv(torch.float32, rank=KERNEL_RANK)
+    x, y = torch.randn(4, HIDDEN), torch.zeros(4, sum(QKV_OUT))
+    with torch.inference_mode():  # the forward pass makes the kernel's layout and ranks
+        assert lora_kernels.lora_linear(y, x, a, b, 1.0, QKV_OUT, torch.tensor([0, 1, 2, 3]))
+    half = KERNEL_RANK // 2
+    new_a = [torch.randn(half, HIDDEN), None, torch.randn(half, HIDDEN)]
+    new_b = [torch.randn(n, half) for n in QKV_OUT]
+    new_b[1] = None
+    adapter = SimpleNamespace(layers={"qkv": SimpleNamespace(lora_a=new_a, lora_b=new_b)})
+    manager = SimpleNamespace(
+        modules={"qkv": SimpleNamespace(lora_a_stacked=a, lora_b_stacked=b)},
+        lora_index_to_id=[None] * 8,
+        _registered_adapters={42: adapter},
+        _get_lora_layer_weights=lambda model, name: model.layers.get(name),
+    )
+
+    def vllm_activate(self, lora_id):  # set_lora on slot 4 at rank 8; k is reset to zeros
+        self.lora_index_to_id[4] = lora_id
+        for stack, new in ((a, new_a), (b, new_b)):
+            for t, w in zip(stack, new, strict=True):
+                t[4] = 0
+                if w is not None:
+                    t[4, 0, : w.shape[0], : w.shape[1]].copy_(w)
+        return True
+
+    monkeypatch.setattr(lora_kernels, "ORIGINAL_ACTIVATE", [vllm_activate])
+    read = []
+    real = row_kernel.ranks_of
+    monkeypatch.setattr(row_kernel, "ranks_of", lambda *args: read.append(args[2:]) or real(*args))
+    assert lora_kernels.activate_adapter(manager, 42)
+    assert read == [(4,)]  # that slot only
+    form = lora_kernels._DERIVED[(tuple(id(t) for t in (*a, *b)), "rows")]
+    assert form[1] == tuple(t._version for t in (*a, *b))  # updated in place, not dropped
+    assert form[2][1][4].tolist() == [half, 0, half]
+    assert torch.equal(form[2][1], real(a, b))
+    y = torch.zeros(2, sum(QKV_OUT))
+    x = torch.randn(2, HIDDEN)
+    assert lora_kernels.lora_linear(y, x, a, b, 1.0, QKV_OUT, torch.tensor([4, -1]))
+    torch.testing.assert_close(y.double(), _reference(x, a, b, [4, -1], QKV_OUT, 1.0), **F32)
+
+
+def test_row_kernel_turned_off_or_unbuildable_falls_back(monkeypatch, caplog):
+    monkeypatch.setattr(row_kernel, "_LIBRARY", [])
+    monkeypatch.setenv(row_kernel.ENV_VAR, "0")
+    assert row_kernel.kernel() is None
+    monkeypatch.setattr(row_kernel, "_LIBRARY", [])
+    monkeypatch.delenv(row_kernel.ENV_VAR)
+    monkeypatch.setattr(row_kernel.machine, "c_compiler", lambda: None)
+    with caplog.at_level(logging.WARNING):
+        assert row_kernel.kernel() is None
+    assert "no C compiler" in caplog.text
+    a, b = _qkv(torch.float32, rank=KERNEL_RANK)  # the torch ops run instead
+    x, y = torch.randn(3, HIDDEN), torch.zeros(3, sum(QKV_OUT))
+    assert lora_kernels.lora_linear(y, x, a, b, 1.0, QKV_OUT, torch.tensor([1, -1, 2]))
+    torch.testing.assert_close(y.double(), _reference(x, a, b, [1, -1, 2], QKV_OUT, 1.0), **F32)

@@ -131,3 +131,24 @@ def test_compiled_lora_engine_needs_a_cxx_compiler(monkeypatch):
     off = machine.compile_choice(Settings(_env_file=None, compile_lora=False))
     assert off.value is False and off.source == "setting"
     assert machine.engine_choices(settings, cpu_build=True)["compile_lora"].value is False
+
+
+def test_row_kernel_choice_needs_float32_and_a_c_compiler(monkeypatch: pytest.MonkeyPatch):
+    """The C row kernel runs for float32 with a C compiler; then the slots are sized without
+    the torch ops' copies."""
+    import shutil
+
+    from loraswap import machine
+    from loraswap.config import Settings
+
+    settings = Settings(_env_file=None)
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/gcc" if name == "gcc" else None)
+    assert machine.row_kernel_choice(settings, "float32").value is True
+    bf16 = machine.row_kernel_choice(settings, "bfloat16")
+    assert bf16.value is False and "float32" in bf16.reason
+    off = machine.row_kernel_choice(Settings(_env_file=None, lora_row_kernel=False), "float32")
+    assert off.value is False and off.source == "setting"
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    choice = machine.row_kernel_choice(settings, "float32")
+    assert choice.value is False and "C compiler" in choice.reason

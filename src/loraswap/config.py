@@ -103,6 +103,15 @@ class Settings(BaseSettings):
             "load it (+~5 s). `false` for eager."
         ),
     )
+    lora_row_kernel: bool = Field(
+        True,
+        description=(
+            "CPU, float32: run LoRA layers through a small C kernel built at start with the "
+            "machine's C compiler (gcc): each row reads only its adapter's rank and modules, "
+            "exact per row without padding, no weight copies. `false` (or no compiler, or "
+            "bf16) runs the torch ops."
+        ),
+    )
     vllm_args: str = Field(
         "",
         description=(
@@ -343,6 +352,7 @@ class Settings(BaseSettings):
             env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         # read by the plugin where vLLM builds its config; it also checks for a C++ compiler
         env["LORASWAP_COMPILE_LORA"] = "1" if self.compile_lora and not self.enforce_eager else "0"
+        env["LORASWAP_LORA_ROW_KERNEL"] = "1" if self.lora_row_kernel else "0"
         return env
 
     def omp_threads_bind(self) -> str:

@@ -153,6 +153,33 @@ def compile_choice(settings: Settings) -> Choice:
     return Choice(True, "auto", f"compiled with LoRA on (1.2-1.35x tok/s measured; {compiler})")
 
 
+def c_compiler() -> str | None:
+    """The C compiler the LoRA row kernel is built with, if any."""
+    import shutil
+
+    for name in (os.environ.get("CC"), "gcc", "cc", "clang"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def row_kernel_choice(settings: Settings, dtype: str) -> Choice:
+    """The C row kernel for float32 LoRA layers: on unless turned off, another dtype, or no C
+    compiler."""
+    if not settings.lora_row_kernel:
+        return Choice(False, "setting", "LORASWAP_LORA_ROW_KERNEL=false")
+    if dtype != "float32":
+        return Choice(False, "auto", f"written for float32; {dtype} runs the torch ops")
+    compiler = c_compiler()
+    if compiler is None:
+        return Choice(False, "auto", "no C compiler (gcc) here: the torch ops run")
+    return Choice(
+        True, "auto",
+        f"built at start with {compiler}: each row reads only its adapter's rank and modules "
+        "(1.2x tok/s at 16 streams of 16 different adapters, measured on x86-avx512-bf16)",
+    )  # fmt: skip
+
+
 def engine_choices(
     settings: Settings, cpu_build: bool, model_path: str | None = None
 ) -> dict[str, Choice]:
@@ -170,14 +197,17 @@ def engine_choices(
             shapes = BaseModelShapes.from_checkpoint(model_path)
         except (OSError, ValueError):
             shapes = None
+    kernel = row_kernel_choice(settings, str(dtype.value)) if cpu_build else None
+    # the torch ops keep zero-padded copies of every slot; the row kernel reads vLLM's own
+    copies = cpu_build and not (kernel is not None and kernel.value)
     lora = (
-        sizing.choices(settings, shapes, str(dtype.value), cpu_ops=cpu_build)
+        sizing.choices(settings, shapes, str(dtype.value), cpu_ops=copies)
         if settings.enable_lora
         else {}
     )
     compiled = {}
     if cpu_build and settings.enable_lora:
-        compiled = {"compile_lora": compile_choice(settings)}
+        compiled = {"compile_lora": compile_choice(settings), "lora_row_kernel": kernel}
     return {
         "dtype": dtype,
         **lora,

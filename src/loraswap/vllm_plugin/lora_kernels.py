@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from . import row_kernel
 from .lora_index_fix import lora_device, write_expanded
 from .sgmv import sgmv_ops
 
@@ -239,6 +240,7 @@ def activate_adapter(self: Any, lora_id: int) -> bool:
             stays_zero = [_refresh_slot(w, index, h, before[id(w)]) for w, h in pairs]
             if len(pairs) == len(a_stack) + len(b_stack):
                 _refresh_forms(a_stack, b_stack, index, before, copy=not all(stays_zero))
+                _refresh_rows_form(a_stack, b_stack, index, before, copy=not all(stays_zero))
     return activated
 
 
@@ -518,6 +520,33 @@ def _refresh_forms(a_stack: tuple, b_stack: tuple, index: int, before: dict, cop
             _DERIVED.pop(key, None)
 
 
+def _rows_form(stack: tuple) -> tuple[row_kernel.Layout, torch.Tensor] | None:
+    """A layer's stacked tensors (lora_a slices, then lora_b slices) as the row kernel reads
+    them, with each slot's rank per slice; None when they do not fit it."""
+    a_stack, b_stack = stack[: len(stack) // 2], stack[len(stack) // 2 :]
+    if not row_kernel.Layout.fits(a_stack, b_stack):
+        return None
+    return row_kernel.Layout(a_stack, b_stack), row_kernel.ranks_of(a_stack, b_stack)
+
+
+def _refresh_rows_form(
+    a_stack: tuple, b_stack: tuple, index: int, before: dict, copy: bool
+) -> None:
+    """After vLLM wrote slot ``index`` of a layer: the row kernel's ranks for that slot only
+    (reading one slot instead of every slot at the next step)."""
+    stack = (*a_stack, *b_stack)
+    hit = _stack_hit(stack, "rows", tuple(before.get(id(t)) for t in stack))
+    if hit is None:
+        return
+    key = (tuple(id(t) for t in stack), "rows")
+    try:
+        if copy and hit[2] is not None:
+            hit[2][1][index] = row_kernel.ranks_of(a_stack, b_stack, index)
+        _DERIVED[key] = (hit[0], tuple(t._version for t in stack), hit[2])
+    except Exception:  # never fail a load over a cache: remade when used
+        _DERIVED.pop(key, None)
+
+
 def fusable(
     y: torch.Tensor,
     x: torch.Tensor,
@@ -576,6 +605,12 @@ def _run_fused(
     total: int,
     indices: torch.Tensor,
 ) -> None:
+    import torch
+
+    if lora_a_stacked[0].dtype == torch.float32 and (function := row_kernel.kernel()) is not None:
+        form = _stack_form((*lora_a_stacked, *lora_b_stacked), "rows", _rows_form)
+        if form is not None and row_kernel.run(function, *form, out, rows, scale, indices):
+            return
     batch = _grouping(indices)
     lives = [
         (_live_slots(a), _live_slots(b))
