@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -825,35 +826,39 @@ def float32_path(request, monkeypatch):
     return request.param
 
 
-def test_activation_keeps_the_fused_forms_up_to_date(monkeypatch, torch_ops):
-    from types import SimpleNamespace
-
-    a, b = _qkv(torch.float32)
-    x = torch.randn(4, HIDDEN)
-    y = torch.zeros(4, sum(QKV_OUT))
-    with torch.inference_mode():  # the forward pass makes the fused forms
-        lora_kernels.lora_linear(y, x, a, b, 1.0, QKV_OUT, torch.tensor([0, 1, 2, 3]))
-    new_a = [torch.randn(RANK, HIDDEN), None, torch.randn(RANK, HIDDEN)]
-    new_b = [torch.randn(n, RANK) for n in QKV_OUT]
+def _slot_4_activation(a: tuple, b: tuple, rank: int, monkeypatch) -> SimpleNamespace:
+    """A LoRA manager whose vLLM ``activate_adapter`` (monkeypatched in) writes adapter 42 into
+    slot 4 at ``rank`` the way set_lora / reset_lora do: q and v filled, k reset to zeros."""
+    new_a = [torch.randn(rank, HIDDEN), None, torch.randn(rank, HIDDEN)]
+    new_b = [torch.randn(n, rank) for n in QKV_OUT]
     new_b[1] = None
     adapter = SimpleNamespace(layers={"qkv": SimpleNamespace(lora_a=new_a, lora_b=new_b)})
-    manager = SimpleNamespace(
+
+    def vllm_activate(self, lora_id):
+        self.lora_index_to_id[4] = lora_id
+        for stack, new in ((a, new_a), (b, new_b)):
+            for t, w in zip(stack, new, strict=True):
+                t[4] = 0
+                if w is not None:
+                    t[4, 0, : w.shape[0], : w.shape[1]].copy_(w)
+        return True
+
+    monkeypatch.setattr(lora_kernels, "ORIGINAL_ACTIVATE", [vllm_activate])
+    return SimpleNamespace(
         modules={"qkv": SimpleNamespace(lora_a_stacked=a, lora_b_stacked=b)},
         lora_index_to_id=[None] * 8,
         _registered_adapters={42: adapter},
         _get_lora_layer_weights=lambda model, name: model.layers.get(name),
     )
 
-    def vllm_activate(self, lora_id):  # set_lora on slot 4: k is reset to zeros
-        self.lora_index_to_id[4] = lora_id
-        for stack, new in ((a, new_a), (b, new_b)):
-            for t, w in zip(stack, new, strict=True):
-                t[4] = 0
-                if w is not None:
-                    t[4, 0].copy_(w)
-        return True
 
-    monkeypatch.setattr(lora_kernels, "ORIGINAL_ACTIVATE", [vllm_activate])
+def test_activation_keeps_the_fused_forms_up_to_date(monkeypatch, torch_ops):
+    a, b = _qkv(torch.float32)
+    x = torch.randn(4, HIDDEN)
+    y = torch.zeros(4, sum(QKV_OUT))
+    with torch.inference_mode():  # the forward pass makes the fused forms
+        lora_kernels.lora_linear(y, x, a, b, 1.0, QKV_OUT, torch.tensor([0, 1, 2, 3]))
+    manager = _slot_4_activation(a, b, RANK, monkeypatch)
     assert lora_kernels.activate_adapter(manager, 42)
     ids = tuple(id(t) for t in a), tuple(id(t) for t in b)
     shrink = lora_kernels._DERIVED[(ids[0], "shrink")]
@@ -937,34 +942,12 @@ def test_row_kernel_ranks_skip_only_zeros():
 
 
 def test_activation_updates_the_row_kernel_ranks_of_its_slot(kernel, monkeypatch):
-    from types import SimpleNamespace
-
     a, b = _qkv(torch.float32, rank=KERNEL_RANK)
     x, y = torch.randn(4, HIDDEN), torch.zeros(4, sum(QKV_OUT))
     with torch.inference_mode():  # the forward pass makes the kernel's layout and ranks
         assert lora_kernels.lora_linear(y, x, a, b, 1.0, QKV_OUT, torch.tensor([0, 1, 2, 3]))
     half = KERNEL_RANK // 2
-    new_a = [torch.randn(half, HIDDEN), None, torch.randn(half, HIDDEN)]
-    new_b = [torch.randn(n, half) for n in QKV_OUT]
-    new_b[1] = None
-    adapter = SimpleNamespace(layers={"qkv": SimpleNamespace(lora_a=new_a, lora_b=new_b)})
-    manager = SimpleNamespace(
-        modules={"qkv": SimpleNamespace(lora_a_stacked=a, lora_b_stacked=b)},
-        lora_index_to_id=[None] * 8,
-        _registered_adapters={42: adapter},
-        _get_lora_layer_weights=lambda model, name: model.layers.get(name),
-    )
-
-    def vllm_activate(self, lora_id):  # set_lora on slot 4 at rank 8; k is reset to zeros
-        self.lora_index_to_id[4] = lora_id
-        for stack, new in ((a, new_a), (b, new_b)):
-            for t, w in zip(stack, new, strict=True):
-                t[4] = 0
-                if w is not None:
-                    t[4, 0, : w.shape[0], : w.shape[1]].copy_(w)
-        return True
-
-    monkeypatch.setattr(lora_kernels, "ORIGINAL_ACTIVATE", [vllm_activate])
+    manager = _slot_4_activation(a, b, half, monkeypatch)
     read = []
     real = row_kernel.ranks_of
     monkeypatch.setattr(row_kernel, "ranks_of", lambda *args: read.append(args[2:]) or real(*args))
