@@ -23,20 +23,25 @@ def rows(data: dict) -> list[tuple[str, str, dict]]:
         out.append((run, "one adapter", figures["one_adapter"]))
         for alpha, zipf in figures["zipf"].items():
             out.append((run, f"Zipf {alpha}", zipf))
+        if "one_adapter_after" in figures:  # results before 2026-11-28 have no second run
+            out.append((run, "one adapter, after", figures["one_adapter_after"]))
     return out
 
 
 def table(data: dict) -> str:
     lines = [
-        "| system / adapters | traffic | tok/s | ÷ one adapter | TTFT p50 / p99 s | errors "
-        "| isolation |",
+        "| system / adapters | traffic | tok/s | ÷ one adapter (first / mean of both) "
+        "| TTFT p50 / p99 s | errors | isolation |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for run, traffic, f in rows(data):
         iso = f.get("isolation")
         same = f"{iso['identical']}/{iso['checked']}" if iso else "—"
+        ratio = f"{f['vs_one_adapter']:.2f}x" if "vs_one_adapter" in f else "—"
+        if "vs_one_adapter_mean" in f:
+            ratio += f" / {f['vs_one_adapter_mean']:.2f}x"
         lines.append(
-            f"| {run} | {traffic} | {f['tok_per_s']:.0f} | {f.get('vs_one_adapter', 1.0):.2f}x | "
+            f"| {run} | {traffic} | {f['tok_per_s']:.0f} | {ratio} | "
             f"{f['ttft_p50_s']:.2f} / {f['ttft_p99_s']:.2f} | {f['errors']} | {same} |"
         )
     return "\n".join(lines)

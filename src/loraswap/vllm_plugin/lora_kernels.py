@@ -8,8 +8,10 @@ Measurements: docs/benchmarks.md. Rows whose index is -1 ("no adapter") get zero
 never read the last slot (see ``lora_index_fix``). Shapes, dtypes and in-place writes are
 upstream's.
 
-Also installs :func:`~.lora_index_fix.lora_device` (layers whose weight vLLM's INT8 CPU kernel
-released).
+In float32 a fused layer runs through :mod:`.row_kernel` (a C kernel, per row, at each adapter's
+rank) when it could be built; these torch ops are the path for bf16 and machines without a C
+compiler. Also installs :func:`~.lora_index_fix.lora_device` (layers whose weight vLLM's INT8 CPU
+kernel released).
 """
 
 from __future__ import annotations
