@@ -942,6 +942,8 @@ def test_row_kernel_ranks_skip_only_zeros():
 
 
 def test_activation_updates_the_row_kernel_ranks_of_its_slot(kernel, monkeypatch):
+    """From the adapter's own matrices (rank 8 in a rank-16 slot, k reset), equal to the ranks
+    read from the weights."""
     a, b = _qkv(torch.float32, rank=KERNEL_RANK)
     x, y = torch.randn(4, HIDDEN), torch.zeros(4, sum(QKV_OUT))
     with torch.inference_mode():  # the forward pass makes the kernel's layout and ranks
@@ -952,7 +954,7 @@ def test_activation_updates_the_row_kernel_ranks_of_its_slot(kernel, monkeypatch
     real = row_kernel.ranks_of
     monkeypatch.setattr(row_kernel, "ranks_of", lambda *args: read.append(args[2:]) or real(*args))
     assert lora_kernels.activate_adapter(manager, 42)
-    assert read == [(4,)]  # that slot only
+    assert read == []  # the ranks come from the adapter: no slot is read back
     form = lora_kernels._DERIVED[(tuple(id(t) for t in (*a, *b)), "rows")]
     assert form[1] == tuple(t._version for t in (*a, *b))  # updated in place, not dropped
     assert form[2][1][4].tolist() == [half, 0, half]
@@ -977,3 +979,19 @@ def test_row_kernel_turned_off_or_unbuildable_falls_back(monkeypatch, caplog):
     x, y = torch.randn(3, HIDDEN), torch.zeros(3, sum(QKV_OUT))
     assert lora_kernels.lora_linear(y, x, a, b, 1.0, QKV_OUT, torch.tensor([1, -1, 2]))
     torch.testing.assert_close(y.double(), _reference(x, a, b, [1, -1, 2], QKV_OUT, 1.0), **F32)
+
+
+def test_activation_reads_the_slot_when_the_adapter_does_not_say_its_ranks(kernel, monkeypatch):
+    a, b = _qkv(torch.float32, rank=KERNEL_RANK)
+    x, y = torch.randn(4, HIDDEN), torch.zeros(4, sum(QKV_OUT))
+    with torch.inference_mode():
+        assert lora_kernels.lora_linear(y, x, a, b, 1.0, QKV_OUT, torch.tensor([0, 1, 2, 3]))
+    manager = _slot_4_activation(a, b, KERNEL_RANK // 2, monkeypatch)
+    monkeypatch.setattr(lora_kernels, "_written_ranks", lambda *args: None)
+    read = []
+    real = row_kernel.ranks_of
+    monkeypatch.setattr(row_kernel, "ranks_of", lambda *args: read.append(args[2:]) or real(*args))
+    assert lora_kernels.activate_adapter(manager, 42)
+    assert read == [(4,)]  # that slot only
+    form = lora_kernels._DERIVED[(tuple(id(t) for t in (*a, *b)), "rows")]
+    assert torch.equal(form[2][1], real(a, b))

@@ -179,6 +179,31 @@ def _written(manager: Any, lora_id: int, name: str, n_a: int, n_b: int) -> tuple
     return ((True,), (True,)) if n_a == n_b == 1 else None
 
 
+def _written_ranks(manager: Any, lora_id: int, name: str, a_stack: tuple) -> tuple | None:
+    """The rank vLLM wrote per slice of module ``name`` for adapter ``lora_id`` (0: a slice it
+    reset to zeros), from the adapter's own matrices: set_lora copies a rank-r lora_a into the
+    first r rows of a zeroed slot. None when the layout is not that one (the slot is read)."""
+    try:
+        module_lora = manager._get_lora_layer_weights(manager._registered_adapters[lora_id], name)
+    except Exception:
+        return None
+    if not module_lora:
+        return (0,) * len(a_stack)
+    a, b = module_lora.lora_a, module_lora.lora_b
+    a, b = (a, b) if isinstance(a, list) else ([a], [b])
+    if not isinstance(b, list) or len(a) != len(a_stack) or len(b) != len(a_stack):
+        return None
+    ranks = []
+    for t, u, stacked in zip(a, b, a_stack, strict=True):
+        if t is None or u is None:
+            ranks.append(0)
+        elif t.dim() != 2 or t.shape[1] != stacked.shape[-1] or t.shape[0] > stacked.shape[-2]:
+            return None
+        else:
+            ranks.append(int(t.shape[0]))
+    return tuple(ranks)
+
+
 def _cached(weights: torch.Tensor, kind: str, version: int) -> tuple | None:
     hit = _DERIVED.get((id(weights), kind))
     if hit is None or hit[0]() is not weights or hit[1] != version:
@@ -242,7 +267,8 @@ def activate_adapter(self: Any, lora_id: int) -> bool:
             stays_zero = [_refresh_slot(w, index, h, before[id(w)]) for w, h in pairs]
             if len(pairs) == len(a_stack) + len(b_stack):
                 _refresh_forms(a_stack, b_stack, index, before, copy=not all(stays_zero))
-                _refresh_rows_form(a_stack, b_stack, index, before, copy=not all(stays_zero))
+                ranks = _written_ranks(self, lora_id, name, a_stack) if written else None
+                _refresh_rows_form(a_stack, b_stack, index, before, not all(stays_zero), ranks)
     return activated
 
 
@@ -532,10 +558,13 @@ def _rows_form(stack: tuple) -> tuple[row_kernel.Layout, torch.Tensor] | None:
 
 
 def _refresh_rows_form(
-    a_stack: tuple, b_stack: tuple, index: int, before: dict, copy: bool
+    a_stack: tuple, b_stack: tuple, index: int, before: dict, copy: bool, ranks: tuple | None
 ) -> None:
-    """After vLLM wrote slot ``index`` of a layer: the row kernel's ranks for that slot only
-    (reading one slot instead of every slot at the next step)."""
+    """After vLLM wrote slot ``index`` of a layer: the row kernel's ranks for that slot only,
+    ``ranks`` when the adapter says them, else read from that slot (not from every slot at the
+    next step)."""
+    import torch
+
     stack = (*a_stack, *b_stack)
     hit = _stack_hit(stack, "rows", tuple(before.get(id(t)) for t in stack))
     if hit is None:
@@ -543,7 +572,10 @@ def _refresh_rows_form(
     key = (tuple(id(t) for t in stack), "rows")
     try:
         if copy and hit[2] is not None:
-            hit[2][1][index] = row_kernel.ranks_of(a_stack, b_stack, index)
+            if ranks is None:
+                hit[2][1][index] = row_kernel.ranks_of(a_stack, b_stack, index)
+            else:
+                hit[2][1][index] = torch.tensor(ranks, dtype=torch.int32)
         _DERIVED[key] = (hit[0], tuple(t._version for t in stack), hit[2])
     except Exception:  # never fail a load over a cache: remade when used
         _DERIVED.pop(key, None)
