@@ -995,3 +995,17 @@ def test_activation_reads_the_slot_when_the_adapter_does_not_say_its_ranks(kerne
     assert read == [(4,)]  # that slot only
     form = lora_kernels._DERIVED[(tuple(id(t) for t in (*a, *b)), "rows")]
     assert torch.equal(form[2][1], real(a, b))
+
+
+def test_activation_works_out_the_layers_once_per_manager(monkeypatch):
+    """The modules and which stacked tensors carry a version counter do not change after vLLM
+    wrapped the layers: worked out at the first activation, not at every one."""
+    a, b = _qkv(torch.float32, rank=KERNEL_RANK)
+    manager = _slot_4_activation(a, b, KERNEL_RANK // 2, monkeypatch)
+    calls = []
+    real = lora_kernels._module_tensors
+    monkeypatch.setattr(lora_kernels, "_module_tensors", lambda m: calls.append(1) or real(m))
+    for _ in range(3):
+        assert lora_kernels.activate_adapter(manager, 42)
+    assert calls == [1]
+    assert set(manager._loraswap_layers.tracked_ids) == {id(t) for t in (*a, *b)}
