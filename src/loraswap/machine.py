@@ -131,14 +131,20 @@ def choose_dtype(caps: CpuCaps | None, requested: str, batch_invariant: bool = T
     )  # fmt: skip
 
 
-def cxx_compiler() -> str | None:
-    """The C++ compiler torch.compile's CPU backend builds its kernels with, if any."""
+def _on_path(variable: str, *names: str) -> str | None:
+    """The program named by environment variable ``variable``, else the first of ``names``
+    on PATH."""
     import shutil
 
-    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+    for name in (os.environ.get(variable), *names):
         if name and shutil.which(name):
             return name
     return None
+
+
+def cxx_compiler() -> str | None:
+    """The C++ compiler torch.compile's CPU backend builds its kernels with, if any."""
+    return _on_path("CXX", "g++", "c++", "clang++")
 
 
 def compile_choice(settings: Settings) -> Choice:
@@ -155,12 +161,7 @@ def compile_choice(settings: Settings) -> Choice:
 
 def c_compiler() -> str | None:
     """The C compiler the LoRA row kernel is built with, if any."""
-    import shutil
-
-    for name in (os.environ.get("CC"), "gcc", "cc", "clang"):
-        if name and shutil.which(name):
-            return name
-    return None
+    return _on_path("CC", "gcc", "cc", "clang")
 
 
 def row_kernel_choice(settings: Settings, dtype: str) -> Choice:

@@ -292,9 +292,8 @@ def activate_adapter(self: Any, lora_id: int) -> bool:
             ]
             stays_zero = [_refresh_slot(w, index, h, before[id(w)]) for w, h in pairs]
             if len(pairs) == len(a_stack) + len(b_stack):
-                _refresh_forms(a_stack, b_stack, index, before, copy=not all(stays_zero))
                 ranks = _written_ranks(self, lora_id, name, a_stack) if written else None
-                _refresh_rows_form(a_stack, b_stack, index, before, not all(stays_zero), ranks)
+                _refresh_forms(a_stack, b_stack, index, before, not all(stays_zero), ranks)
     return activated
 
 
@@ -553,12 +552,28 @@ def _update_expand_form(form: torch.Tensor, b_stack: tuple, index: int) -> None:
         )
 
 
-def _refresh_forms(a_stack: tuple, b_stack: tuple, index: int, before: dict, copy: bool) -> None:
+def _refresh_forms(
+    a_stack: tuple, b_stack: tuple, index: int, before: dict, copy: bool, ranks: tuple | None
+) -> None:
     """After vLLM wrote slot ``index`` of a module: update its fused forms' slot (``copy``) or,
-    when the slot held zeros and still does, only note the new versions."""
+    when the slot held zeros and still does, only note the new versions. The row kernel's form
+    gets that slot's ranks: ``ranks`` when the adapter says them, else read from that slot (not
+    from every slot at the next step)."""
+    import torch
+
+    def update_rows(form: Any, stack: tuple, index: int) -> None:
+        if form is None:  # the layer does not fit the kernel
+            return
+        form[1][index] = (
+            row_kernel.ranks_of(a_stack, b_stack, index)
+            if ranks is None
+            else torch.tensor(ranks, dtype=torch.int32)
+        )
+
     for stack, kind, update in (
         (a_stack, "shrink", _update_shrink_form),
         (b_stack, "expand", _update_expand_form),
+        ((*a_stack, *b_stack), "rows", update_rows),
     ):
         if not stack:
             continue
@@ -581,30 +596,6 @@ def _rows_form(stack: tuple) -> tuple[row_kernel.Layout, torch.Tensor] | None:
     if not row_kernel.Layout.fits(a_stack, b_stack):
         return None
     return row_kernel.Layout(a_stack, b_stack), row_kernel.ranks_of(a_stack, b_stack)
-
-
-def _refresh_rows_form(
-    a_stack: tuple, b_stack: tuple, index: int, before: dict, copy: bool, ranks: tuple | None
-) -> None:
-    """After vLLM wrote slot ``index`` of a layer: the row kernel's ranks for that slot only,
-    ``ranks`` when the adapter says them, else read from that slot (not from every slot at the
-    next step)."""
-    import torch
-
-    stack = (*a_stack, *b_stack)
-    hit = _stack_hit(stack, "rows", tuple(before.get(id(t)) for t in stack))
-    if hit is None:
-        return
-    key = (tuple(id(t) for t in stack), "rows")
-    try:
-        if copy and hit[2] is not None:
-            if ranks is None:
-                hit[2][1][index] = row_kernel.ranks_of(a_stack, b_stack, index)
-            else:
-                hit[2][1][index] = torch.tensor(ranks, dtype=torch.int32)
-        _DERIVED[key] = (hit[0], tuple(t._version for t in stack), hit[2])
-    except Exception:  # never fail a load over a cache: remade when used
-        _DERIVED.pop(key, None)
 
 
 def fusable(

@@ -56,32 +56,32 @@ def build(directory: Path, compiler: str) -> Path:
 def kernel() -> Any | None:
     """The kernel's C function, built and loaded on first use; None when turned off or when it
     cannot be built here (logged once)."""
-    if _LIBRARY:
-        return _LIBRARY[0]
-    function = None
-    compiler = machine.c_compiler()
-    if not enabled():
-        pass
-    elif compiler is None:
-        logger.warning("loraswap: no C compiler (gcc) for the LoRA row kernel: torch ops run")
-    else:
-        try:
-            import torch  # noqa: F401  (its OpenMP runtime is the one the kernel binds to)
+    if not _LIBRARY:
+        _LIBRARY.append(_load() if enabled() else None)
+    return _LIBRARY[0]
 
-            with tempfile.TemporaryDirectory(prefix="loraswap-kernel-") as directory:
-                library = ctypes.CDLL(str(build(Path(directory), compiler)))
-            function = library.loraswap_lora_rows
-            pointer, size = ctypes.c_void_p, ctypes.c_int64
-            function.argtypes = [size, size, pointer, size, pointer, size, pointer, size, size,
-                                 pointer, pointer, pointer, size, pointer, pointer,
-                                 ctypes.c_float, ctypes.c_int]  # fmt: skip
-            function.restype = None
-            logger.info("loraswap: LoRA row kernel built with %s", compiler)
-        except (OSError, subprocess.SubprocessError) as exc:
-            detail = getattr(exc, "stderr", "") or exc
-            logger.warning("loraswap: LoRA row kernel not built (%s): torch ops run", detail)
-            function = None
-    _LIBRARY.append(function)
+
+def _load() -> Any | None:
+    compiler = machine.c_compiler()
+    if compiler is None:
+        logger.warning("loraswap: no C compiler (gcc) for the LoRA row kernel: torch ops run")
+        return None
+    try:
+        import torch  # noqa: F401  (its OpenMP runtime is the one the kernel binds to)
+
+        with tempfile.TemporaryDirectory(prefix="loraswap-kernel-") as directory:
+            library = ctypes.CDLL(str(build(Path(directory), compiler)))
+    except (OSError, subprocess.SubprocessError) as exc:
+        detail = getattr(exc, "stderr", "") or exc
+        logger.warning("loraswap: LoRA row kernel not built (%s): torch ops run", detail)
+        return None
+    function = library.loraswap_lora_rows
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    function.argtypes = [size, size, pointer, size, pointer, size, pointer, size, size,
+                         pointer, pointer, pointer, size, pointer, pointer,
+                         ctypes.c_float, ctypes.c_int]  # fmt: skip
+    function.restype = None
+    logger.info("loraswap: LoRA row kernel built with %s", compiler)
     return function
 
 
