@@ -1009,3 +1009,103 @@ def test_activation_works_out_the_layers_once_per_manager(monkeypatch):
         assert lora_kernels.activate_adapter(manager, 42)
     assert calls == [1]
     assert set(manager._loraswap_layers.tracked_ids) == {id(t) for t in (*a, *b)}
+
+
+def test_activation_of_an_active_adapter_goes_straight_to_vllm(monkeypatch):
+    """vLLM asks to activate every adapter of every step: one already in a slot costs vLLM's
+    LRU touch only, not the wrapper's walk over the layers."""
+    calls = []
+    monkeypatch.setattr(lora_kernels, "ORIGINAL_ACTIVATE", [lambda self, i: calls.append(i)])
+    monkeypatch.setattr(lora_kernels, "_layers", lambda m: pytest.fail("layers walked"))
+    manager = SimpleNamespace(_active_adapters={7: None})
+    lora_kernels.activate_adapter(manager, 7)
+    assert calls == [7]
+
+
+def test_adding_a_loaded_adapter_does_not_copy_the_host_cache(monkeypatch):
+    """vLLM's add_adapter copies every loaded adapter into a set, per adapter, per step; one
+    already loaded is activated without that, one not loaded takes vLLM's path."""
+    from vllm.lora.request import LoRARequest
+
+    events = []
+    registered = {5: "model-5"}
+    adapter_manager = SimpleNamespace(
+        _registered_adapters=registered,
+        get_adapter=registered.get,
+        activate_adapter=lambda i: events.append(("activate", i)),
+    )
+    worker = SimpleNamespace(
+        _adapter_manager=adapter_manager,
+        list_adapters=lambda: pytest.fail("host cache copied"),
+    )
+    monkeypatch.setattr(
+        lora_kernels, "ORIGINAL_ADD", [lambda self, req: events.append(("vllm", req.lora_int_id))]
+    )
+    assert lora_kernels.add_adapter(worker, LoRARequest("five", 5, "/adapters/five"))
+    lora_kernels.add_adapter(worker, LoRARequest("six", 6, "/adapters/six"))
+    assert events == [("activate", 5), ("vllm", 6)]
+
+
+def test_reset_of_a_slot_still_at_zeros_is_skipped():
+    """vLLM zeroes every module an adapter leaves alone at each activation (vocabulary-sized
+    slots included): a slot it zeroed, with no set_lora since, is not zeroed again."""
+    resets = []
+
+    class Layer:
+        def __init__(self) -> None:
+            self.w = torch.ones(4, 3)
+
+        def reset_lora(self, index: int) -> None:
+            resets.append(index)
+            self.w[index] = 0
+
+        def set_lora(self, index: int, value: float) -> None:
+            self.reset_lora(index)  # like vLLM's: zero the slot, then write
+            self.w[index] = value
+
+    Layer.reset_lora = lora_kernels._skipping_reset(Layer.reset_lora)
+    Layer.set_lora = lora_kernels._noting_set(Layer.set_lora)
+    layer = Layer()
+    layer.reset_lora(1)
+    layer.reset_lora(1)
+    assert resets == [1]
+    layer.set_lora(1, 5.0)
+    assert torch.all(layer.w[1] == 5) and resets == [1, 1]
+    layer.reset_lora(1)  # written since: zeroed for real
+    assert torch.all(layer.w[1] == 0) and resets == [1, 1, 1]
+    layer.reset_lora(2)
+    layer.reset_lora(1)
+    assert resets == [1, 1, 1, 2]
+    assert torch.all(layer.w[0] == 1)  # other slots untouched
+
+
+def test_install_wraps_the_slot_writers_of_vllms_lora_layers():
+    from vllm.lora.layers import LogitsProcessorWithLoRA, VocabParallelEmbeddingWithLoRA
+    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+
+    classes = (BaseLinearLayerWithLoRA, LogitsProcessorWithLoRA, VocabParallelEmbeddingWithLoRA)
+    originals = [(c.reset_lora, c.set_lora) for c in classes]
+    lora_kernels.install()
+    try:
+        for cls, (reset, set_) in zip(classes, originals, strict=True):
+            assert cls.reset_lora.__wrapped__ is reset and cls.set_lora.__wrapped__ is set_
+    finally:
+        lora_kernels.uninstall()
+    assert [(c.reset_lora, c.set_lora) for c in classes] == originals
+
+
+def test_activation_skips_modules_vllm_did_not_write(monkeypatch):
+    """Only the modules whose stacked tensors changed are brought up to date after a load."""
+    a, b = _qkv(torch.float32, rank=KERNEL_RANK)
+    o_a, o_b = (torch.zeros(8, 1, KERNEL_RANK, HIDDEN),), (torch.zeros(8, 1, HIDDEN, KERNEL_RANK),)
+    manager = _slot_4_activation(a, b, KERNEL_RANK // 2, monkeypatch)
+    manager.modules["o"] = SimpleNamespace(lora_a_stacked=o_a, lora_b_stacked=o_b)
+    refreshed = []
+    real = lora_kernels._refresh_forms
+    monkeypatch.setattr(
+        lora_kernels,
+        "_refresh_forms",
+        lambda a_stack, *rest: refreshed.append(a_stack) or real(a_stack, *rest),
+    )
+    assert lora_kernels.activate_adapter(manager, 42)
+    assert refreshed == [a]
