@@ -276,3 +276,68 @@ def test_pin_loads_again_a_version_the_engine_dropped():
     run(scenario())
     assert KEYS[0] in engine.pinned
     assert engine.calls.count(("load", KEYS[0])) == 2
+
+
+def test_prefetch_loads_meanwhile_and_the_request_shares_that_load():
+    """A request waiting for a slot has its adapter loaded meanwhile; when it gets the slot,
+    ensure_loaded finds the load done (or joins it), never loading twice."""
+    engine, res, _ = make()
+
+    async def scenario():
+        engine.gate = asyncio.Event()
+        res.prefetch(KEYS[0])
+        res.prefetch(KEYS[0])  # a second waiter for the same adapter: still one load
+        await asyncio.sleep(0.01)
+        assert engine.calls == [("load", KEYS[0])] and not res.is_loaded(KEYS[0])
+        engine.gate.set()
+        await res.ensure_loaded(KEYS[0])
+        res.prefetch(KEYS[0])  # loaded already: nothing to do
+
+    run(scenario())
+    assert engine.calls == [("load", KEYS[0])] and res.is_loaded(KEYS[0])
+
+
+def test_failed_prefetch_is_reported_by_the_request_that_loads_again():
+    engine, res, _ = make()
+    engine.fail.add(KEYS[0])
+
+    async def scenario():
+        res.prefetch(KEYS[0])
+        await asyncio.sleep(0.01)
+        assert not res.is_loaded(KEYS[0]) and res.servable[KEYS[0]].loading is None
+        with pytest.raises(ApiError) as err:
+            await res.ensure_loaded(KEYS[0])
+        return err.value
+
+    assert run(scenario()).status == 503
+    assert engine.calls == [("load", KEYS[0])] * 2
+    res.prefetch(AdapterKey("unknown", "v1"))  # not servable: ignored
+
+
+def test_vllm_engine_loads_into_host_memory_through_the_worker_extension():
+    """With loraswap's worker extension a load is a collective_rpc that fills the host tier
+    only; without it, vLLM's add_lora (which also takes a slot)."""
+    from loraswap.adapters.residency import VllmAdapterEngine
+    from loraswap.vllm_plugin import staging
+
+    class Client:
+        def __init__(self) -> None:
+            self.calls: list[tuple] = []
+
+        async def collective_rpc(self, method, args=()):
+            self.calls.append(("rpc", method, args[0]["lora_name"]))
+
+        async def add_lora(self, request):
+            self.calls.append(("add_lora", request.lora_name))
+
+    for staged, expected in (
+        (True, ("rpc", staging.METHOD, "a0@v1")),
+        (False, ("add_lora", "a0@v1")),
+    ):
+        client = Client()
+        engine = VllmAdapterEngine(
+            client, type("Models", (), {"lora_requests": {}})(), "base", staged
+        )
+        engine.expose(KEYS[0], 1, Path("/adapters/a0"))
+        run(engine.load(KEYS[0]))
+        assert client.calls == [expected]

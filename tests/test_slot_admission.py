@@ -1,8 +1,8 @@
 """Adapter slots on the real server (4 slots): while every slot serves a long generation of its
 own adapter, a request for one of those adapters goes straight in (it shares the slot), and one
 for a fifth adapter is refused with a 429 and Retry-After once it waited
-``LORASWAP_ADAPTER_SLOT_WAIT_S`` (10 s), instead of waiting without bound; once the slots free,
-that adapter is served."""
+``LORASWAP_ADAPTER_SLOT_WAIT_S`` (10 s), instead of waiting without bound, its adapter loaded
+into host memory meanwhile; once the slots free, that adapter is served."""
 
 from __future__ import annotations
 
@@ -32,6 +32,11 @@ async def _hold(http: httpx.AsyncClient, model: str, started: asyncio.Event, sto
                 return  # closing the stream aborts the request in vLLM
 
 
+async def _status(http: httpx.AsyncClient, name: str) -> str:
+    versions = (await http.get(f"/admin/adapters/{name}")).json()["versions"]
+    return versions[0]["status"]
+
+
 async def _scenario(url: str, adapters: list[str], slots: int) -> dict:
     holders, extra = adapters[:slots], adapters[slots]
     stop = asyncio.Event()
@@ -48,11 +53,19 @@ async def _scenario(url: str, adapters: list[str], slots: int) -> dict:
             model=holders[0], messages=[{"role": "user", "content": "Hi"}], max_tokens=2
         )
         shared_s = time.monotonic() - t0
+        assert await _status(http, extra) == "registered"
         t0 = time.monotonic()
-        with pytest.raises(openai.RateLimitError) as refused:
-            await client.chat.completions.create(
+        waiting = asyncio.create_task(
+            client.chat.completions.create(
                 model=extra, messages=[{"role": "user", "content": "Hi"}], max_tokens=2
             )
+        )
+        status_while_waiting = "registered"
+        while not waiting.done() and status_while_waiting == "registered":
+            await asyncio.sleep(0.5)
+            status_while_waiting = await _status(http, extra)
+        with pytest.raises(openai.RateLimitError) as refused:
+            await waiting
         refused_s = time.monotonic() - t0
         stop.set()
         await asyncio.gather(*tasks)
@@ -61,7 +74,8 @@ async def _scenario(url: str, adapters: list[str], slots: int) -> dict:
         )
         await client.close()
     return {"shared": shared, "shared_s": shared_s, "refused": refused.value,
-            "refused_s": refused_s, "served": served}  # fmt: skip
+            "refused_s": refused_s, "served": served,
+            "status_while_waiting": status_while_waiting}  # fmt: skip
 
 
 def test_full_slots_share_in_flight_adapters_and_bound_the_wait_of_others(
@@ -80,3 +94,5 @@ def test_full_slots_share_in_flight_adapters_and_bound_the_wait_of_others(
     assert "every adapter slot" in body["message"] and adapters[slots] in body["message"]
     assert WAIT_S - 1 <= out["refused_s"] < WAIT_S + 5
     assert out["served"].model == f"{adapters[slots]}@v1"
+    # its adapter was loaded into host memory while it waited (prefetch from the queue)
+    assert out["status_while_waiting"] == "loaded"

@@ -110,3 +110,19 @@ def test_a_cancelled_waiter_leaves_the_line_and_pins_never_wait():
         assert set(g.in_flight) == {D}
 
     asyncio.run(scenario())
+
+
+def test_a_request_that_starts_waiting_has_its_adapter_prefetched():
+    async def scenario():
+        waited: list[AdapterKey] = []
+        g = SlotGate(lambda: 1, 5.0, set, on_wait=waited.append)
+        await g.acquire(A)
+        await g.acquire(A)  # shares the slot: no wait, no prefetch
+        task = asyncio.create_task(g.acquire(B))
+        await asyncio.sleep(0.01)
+        assert waited == [B]
+        g.release(A)
+        g.release(A)
+        await asyncio.wait_for(task, 1)
+
+    asyncio.run(scenario())

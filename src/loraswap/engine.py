@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from . import engine_fork, vllm_compat
 from .config import Settings
 from .machine import Choice, engine_choices
+from .vllm_plugin import staging
 
 if TYPE_CHECKING:
     from vllm.engine.protocol import EngineClient
@@ -73,7 +74,10 @@ def engine_cli_args(settings: Settings, model_path: str) -> list[str]:
 def parse_engine_args(settings: Settings, model_path: str) -> Namespace:
     """Parse with vLLM's own parser so every ``vllm serve`` flag and check applies."""
     parser = vllm_compat.make_arg_parser(vllm_compat.FlexibleArgumentParser(prog="loraswap-engine"))
-    args = parser.parse_args(engine_cli_args(settings, model_path))
+    argv = engine_cli_args(settings, model_path)
+    if settings.enable_lora and "--worker-extension-cls" not in shlex.split(settings.vllm_args):
+        argv += ["--worker-extension-cls", staging.QUALNAME]  # loads without taking a slot
+    args = parser.parse_args(argv)
     vllm_compat.validate_parsed_serve_args(args)
     return args
 

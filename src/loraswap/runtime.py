@@ -74,7 +74,10 @@ async def build_runtime(app: Any, settings: Settings, engine: Engine) -> Runtime
         model_path=engine.model_path,
     )  # fmt: skip
     if settings.enable_lora:
-        slots = VllmAdapterEngine(client, handlers.models, settings.served_model_name)
+        from .vllm_plugin import staging
+
+        staged = getattr(engine.args, "worker_extension_cls", "") == staging.QUALNAME
+        slots = VllmAdapterEngine(client, handlers.models, settings.served_model_name, staged)
         shapes = BaseModelShapes.from_checkpoint(engine.model_path)
         host = engine.choices.get("adapter_host_bytes")
         registry = AdapterRegistry(

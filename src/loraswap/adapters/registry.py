@@ -60,6 +60,7 @@ class AdapterRegistry:
             settings.adapter_slot_wait_s,
             self.catalog.pinned_keys,
             settings.retry_after_s,
+            on_wait=self.residency.prefetch,
         )
         self._lock = asyncio.Lock()
         self._sync_task: asyncio.Task[None] | None = None

@@ -43,12 +43,17 @@ class AdapterEngine(Protocol):
 
 class VllmAdapterEngine:
     """:class:`AdapterEngine` on vLLM: ``LoRARequest``s in the OpenAI serving models' table and
-    the engine client's add/remove/pin calls."""
+    the engine client's add/remove/pin calls. With ``staging`` (the engine runs loraswap's worker
+    extension) a load only fills the host tier (:mod:`loraswap.vllm_plugin.staging`); vLLM's own
+    ``add_lora`` also takes a slot."""
 
-    def __init__(self, client: Any, serving_models: Any, base_name: str) -> None:
+    def __init__(
+        self, client: Any, serving_models: Any, base_name: str, staging: bool = False
+    ) -> None:
         self.client = client
         self.serving_models = serving_models
         self.base_name = base_name
+        self.staging = staging
 
     def expose(self, key: AdapterKey, lora_int_id: int, path: Path) -> None:
         self.serving_models.lora_requests[str(key)] = vllm_compat.LoRARequest(
@@ -65,7 +70,14 @@ class VllmAdapterEngine:
         return self.serving_models.lora_requests[str(key)]
 
     async def load(self, key: AdapterKey) -> None:
-        await self.client.add_lora(self._request(key))
+        if self.staging:
+            from ..vllm_plugin import staging
+
+            await self.client.collective_rpc(
+                staging.METHOD, args=staging.rpc_args(self._request(key))
+            )
+        else:
+            await self.client.add_lora(self._request(key))
 
     async def unload(self, key: AdapterKey) -> None:
         await self.client.remove_lora(self._request(key).lora_int_id)
@@ -163,6 +175,24 @@ class Residency:
         finally:
             if res.loading is not None and res.loading.done():
                 res.loading = None
+
+    def prefetch(self, key: AdapterKey) -> None:
+        """Start loading ``key`` (a request for it waits for a slot): the load runs while it
+        waits, and its own :meth:`ensure_loaded` then shares it. A failure is the request's to
+        report, when it gets its slot and loads again."""
+        res = self.servable.get(key)
+        if res is None or key in self.lru or res.loading is not None:
+            return
+        res.last_used = time.time()
+        res.loading = asyncio.ensure_future(self._load(key, res))
+
+        def settled(done: asyncio.Future[None]) -> None:
+            if res.loading is done:
+                res.loading = None
+            if not done.cancelled() and done.exception() is not None:
+                logger.info("prefetch of adapter %s failed: %s", key, done.exception())
+
+        res.loading.add_done_callback(settled)
 
     async def _load(self, key: AdapterKey, res: Resident) -> None:
         res.bytes = self.size_of(res.path)

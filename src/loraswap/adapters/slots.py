@@ -7,7 +7,8 @@ waiting requests are grouped by adapter); one for another adapter waits in line,
 first served, and a freed slot goes to the oldest waiting adapter together with every other
 request waiting for the same one. An interactive request that waited ``wait_s`` gets a 429
 with ``Retry-After`` instead of an unbounded time to first token; background work (batch
-lines) waits without a limit.
+lines) waits without a limit. The adapter of a waiting request is loaded into host memory
+meanwhile (``on_wait``), so a freed slot serves it without a load in between.
 """
 
 from __future__ import annotations
@@ -40,8 +41,10 @@ class SlotGate:
         wait_s: float,
         pinned: Callable[[], set[AdapterKey]],
         retry_after_s: int = 1,
+        on_wait: Callable[[AdapterKey], None] = lambda key: None,
     ) -> None:
         self.capacity = capacity
+        self.on_wait = on_wait  # a request starts waiting for ``key``: prefetch its adapter
         self.wait_s = wait_s
         self.retry_after_s = retry_after_s
         self.pinned = pinned
@@ -60,6 +63,7 @@ class SlotGate:
             return
         waiter = _Waiter(key)
         self.waiting.append(waiter)
+        self.on_wait(key)
         metrics.SLOT_WAITING.set(len(self.waiting))
         started = time.monotonic()
         try:
