@@ -571,14 +571,23 @@
     comparisons: loadComparisons, audit: loadAudit, models: loadModels,
   };
 
+  /** A section's loads run one after another, so the last one asked for renders last: the
+   * page's first load (maybe without a key) cannot overwrite the one a new key started. */
+  const queued = {};
+  function load(name) {
+    const next = (queued[name] || Promise.resolve()).catch(() => {}).then(() => LOADERS[name]());
+    queued[name] = next;
+    return next;
+  }
+
   /** Reload sections without touching #status (used after an action reported its own result). */
   async function reloadQuietly(names) {
-    await Promise.allSettled(names.map((n) => LOADERS[n]()));
+    await Promise.allSettled(names.map(load));
   }
 
   /** Reload sections and report the first failure (or "ok") in #status. */
   async function reload(names) {
-    const results = await Promise.allSettled(names.map((n) => LOADERS[n]()));
+    const results = await Promise.allSettled(names.map(load));
     const failed = results.find((r) => r.status === "rejected");
     if (failed) setStatus(failed.reason.message, "error");
     else setStatus("ok", "ok");
@@ -586,10 +595,10 @@
 
   function startTrafficTimer() {
     setInterval(() => {
-      if (document.visibilityState === "visible" && !trafficDenied) loadTraffic().catch(() => {});
+      if (document.visibilityState === "visible" && !trafficDenied) load("traffic").catch(() => {});
     }, TRAFFIC_EVERY_MS);
     document.addEventListener("visibilitychange", () => {
-      if (document.visibilityState === "visible" && !trafficDenied) loadTraffic().catch(() => {});
+      if (document.visibilityState === "visible" && !trafficDenied) load("traffic").catch(() => {});
     });
   }
 
