@@ -140,7 +140,9 @@ async def measure(url: str, args: argparse.Namespace) -> dict:
                    "shadows_preempted": delta(after, before, "preempted")}  # fmt: skip
             print(row, flush=True)
             rows.append(row)
-    return {"rounds": rows}
+    from loraswap.config import Settings  # the server's settings: the same environment
+
+    return {"shadow_concurrency": Settings().shadow_concurrency, "rounds": rows}
 
 
 def main() -> None:

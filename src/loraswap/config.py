@@ -290,11 +290,14 @@ class Settings(BaseSettings):
         ),
     )
     shadow_concurrency: int = Field(
-        1,
+        4,
         ge=1,
         description=(
-            "Shadow requests run at once (each after its primary answered): the extra load a "
-            "shadow version puts on the engine."
+            "Shadow requests run at once, on idle capacity only (a client request arriving "
+            "aborts them; they run again later): queued shadows run as one batch, so the engine "
+            "is busy with shadows a shorter time and a client is less often kept waiting for a "
+            "shadow's step in progress (open loop, 100 % shadow: TTFT p50 +8.9 ms with 1, "
+            "-0.6 ms with 4)."
         ),
     )
     shadow_queue_size: int = Field(
