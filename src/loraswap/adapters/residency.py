@@ -168,13 +168,7 @@ class Residency:
         if key in self.lru:
             self.lru.move_to_end(key)
             return
-        if res.loading is None:
-            res.loading = asyncio.ensure_future(self._load(key, res))
-        try:
-            await asyncio.shield(res.loading)
-        finally:
-            if res.loading is not None and res.loading.done():
-                res.loading = None
+        await asyncio.shield(self._start_load(key, res))
 
     def prefetch(self, key: AdapterKey) -> None:
         """Start loading ``key`` (a request for it waits for a slot): the load runs while it
@@ -184,15 +178,25 @@ class Residency:
         if res is None or key in self.lru or res.loading is not None:
             return
         res.last_used = time.time()
-        res.loading = asyncio.ensure_future(self._load(key, res))
 
-        def settled(done: asyncio.Future[None]) -> None:
-            if res.loading is done:
-                res.loading = None
+        def failed(done: asyncio.Future[None]) -> None:
             if not done.cancelled() and done.exception() is not None:
                 logger.info("prefetch of adapter %s failed: %s", key, done.exception())
 
-        res.loading.add_done_callback(settled)
+        self._start_load(key, res).add_done_callback(failed)
+
+    def _start_load(self, key: AdapterKey, res: Resident) -> asyncio.Future[None]:
+        """The one load of ``key`` in progress, started if none is; it leaves ``res`` when done,
+        so a failed load is tried again by the next request."""
+        if res.loading is None:
+            loading = res.loading = asyncio.ensure_future(self._load(key, res))
+
+            def settled(done: asyncio.Future[None]) -> None:
+                if res.loading is done:
+                    res.loading = None
+
+            loading.add_done_callback(settled)
+        return res.loading
 
     async def _load(self, key: AdapterKey, res: Resident) -> None:
         res.bytes = self.size_of(res.path)
