@@ -69,4 +69,6 @@ def test_the_engine_runs_with_the_staging_extension(tmp_path):
     assert args.worker_extension_cls == QUALNAME
     own = Settings(max_loras=4, max_cpu_loras=8, vllm_args="--worker-extension-cls my.Ext")
     assert parse_engine_args(own, str(model)).worker_extension_cls == "my.Ext"
+    own = Settings(max_loras=4, max_cpu_loras=8, vllm_args="--worker-extension-cls=my.Ext")
+    assert parse_engine_args(own, str(model)).worker_extension_cls == "my.Ext"
     assert not parse_engine_args(Settings(enable_lora=False), str(model)).worker_extension_cls

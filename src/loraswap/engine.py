@@ -74,10 +74,9 @@ def engine_cli_args(settings: Settings, model_path: str) -> list[str]:
 def parse_engine_args(settings: Settings, model_path: str) -> Namespace:
     """Parse with vLLM's own parser so every ``vllm serve`` flag and check applies."""
     parser = vllm_compat.make_arg_parser(vllm_compat.FlexibleArgumentParser(prog="loraswap-engine"))
-    argv = engine_cli_args(settings, model_path)
-    if settings.enable_lora and "--worker-extension-cls" not in shlex.split(settings.vllm_args):
-        argv += ["--worker-extension-cls", staging.QUALNAME]  # loads without taking a slot
-    args = parser.parse_args(argv)
+    # first, so that a --worker-extension-cls in LORASWAP_VLLM_ARGS (in either spelling) wins
+    staged = ["--worker-extension-cls", staging.QUALNAME] if settings.enable_lora else []
+    args = parser.parse_args(staged + engine_cli_args(settings, model_path))
     vllm_compat.validate_parsed_serve_args(args)
     return args
 
