@@ -17,7 +17,8 @@ CHROMIUM := /usr/bin/chromium
 # uv does not read pip's config: pass on pip's find-links (where a local torch build may live).
 export UV_FIND_LINKS ?= $(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
 
-.PHONY: install model serve test fuzz lint lock docs build bento-version bench bench-many bench-report clean
+
+.PHONY: install model serve test servers fuzz lint lock docs build bento-version bench bench-many bench-report clean
 
 install: $(STAMP)
 
@@ -41,8 +42,17 @@ model: $(STAMP)
 serve: model
 	BENTOML_PORT=$(PORT) $(VENV)/bin/bentoml serve service:LoRASwap --port $(PORT)
 
-test: model $(FUZZ_STAMP) $(CHROMIUM)
+test: model $(FUZZ_STAMP) $(CHROMIUM) servers
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Real servers the tests start on loopback (Redis for fleet-wide limits, haproxy in front of the
+# fleet test's replicas, PostgreSQL for shared state): Debian's packages where missing.
+SERVER_PROGRAMS := redis-server haproxy initdb
+servers:
+	@missing=""; for p in $(SERVER_PROGRAMS); do command -v $$p >/dev/null || \
+		ls /usr/lib/postgresql/*/bin/$$p >/dev/null 2>&1 || missing=1; done; \
+	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq redis-server haproxy postgresql; fi
 
 # Debian's Chromium, which tests/test_console.py drives with Playwright (no browser download).
 $(CHROMIUM):

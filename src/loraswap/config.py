@@ -259,7 +259,56 @@ class Settings(BaseSettings):
     auth_health_routes: bool = Field(False, description="Require an API key on /livez, /readyz.")
     auth_metrics_route: bool = Field(False, description="Require an API key on /metrics.")
     state_dir: Path = Field(
-        Path(".loraswap"), description="Batch API jobs (SQLite) and files are kept here."
+        Path(".loraswap"),
+        description=(
+            "Local state: the embedded SQLite database and Batch API file bytes unless "
+            "`database_url` and `files_uri` point elsewhere."
+        ),
+    )
+    database_url: str | None = Field(
+        None,
+        description=(
+            "Where everything durable lives (batch jobs, file records, usage, audit, shadow "
+            "comparisons): a SQLAlchemy URL. Unset: SQLite at `<state_dir>/loraswap.sqlite`; "
+            "`postgresql://user:pass@host/db` for replicas sharing state. Migrated at start "
+            "(Alembic)."
+        ),
+    )
+    files_uri: str | None = Field(
+        None,
+        description=(
+            "Where Batch API file bytes live: a local directory or any fsspec URL "
+            "(`s3://bucket/loraswap/files`, options from `fsspec_storage_options`). Unset: "
+            "`<state_dir>/files`. Replicas must share it."
+        ),
+    )
+    batch_lease_s: float = Field(
+        30.0,
+        gt=0,
+        description=(
+            "A replica running a batch job holds it this long per heartbeat; if the replica "
+            "dies, another takes the job over after at most this long and continues after the "
+            "last finished line."
+        ),
+    )
+    batch_poll_s: float = Field(
+        5.0,
+        gt=0,
+        description="How often a replica looks in the database for batch jobs nobody holds.",
+    )
+    limits_uri: str = Field(
+        "memory://",
+        description=(
+            "Where tenant limits are counted (the `limits` library's storage URI): "
+            "`memory://` counts per process; `redis://host:6379` counts across replicas."
+        ),
+    )
+    limits_fail_open: bool = Field(
+        True,
+        description=(
+            "When the limits storage (Redis) is unreachable: true serves requests unlimited, "
+            "false refuses tenant requests with 503; either way logged once per outage."
+        ),
     )
     batch_concurrency: int = Field(
         4, ge=1, description="Requests one batch job keeps in flight (interactive traffic first)."
