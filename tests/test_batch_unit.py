@@ -22,6 +22,7 @@ from loraswap.batches.protocol import Batch, BatchCreateRequest
 from loraswap.config import Settings
 from loraswap.errors import ApiError
 from loraswap.pipeline import RequestPipeline
+from loraswap.storage import Storage
 from loraswap.tenants.principal import ANONYMOUS
 
 DONE = ("completed", "failed", "cancelled", "expired")
@@ -119,7 +120,7 @@ def counts(batch: Batch) -> tuple[int, int, int]:
 def test_invalid_lines_fail_the_job(tmp_path: Path) -> None:
     async def main() -> None:
         pipeline = FakePipeline()
-        runner = BatchRunner(pipeline, BatchStore(tmp_path), 2)
+        runner = BatchRunner(pipeline, BatchStore(Storage.local(tmp_path)), 2)
         bad_method = {**item("a"), "method": "GET"}
         data = jsonl(bad_method, "not json", "", item("b"), item("b"), {**item("c"), "url": "/x"})
         batch = await wait_for(runner, (await start(runner, data)).id)
@@ -143,7 +144,7 @@ def test_invalid_lines_fail_the_job(tmp_path: Path) -> None:
 
 def test_mixed_job_completes_with_counts_and_files(tmp_path: Path, caplog) -> None:
     async def main() -> None:
-        runner = BatchRunner(FakePipeline(), BatchStore(tmp_path), 3)
+        runner = BatchRunner(FakePipeline(), BatchStore(Storage.local(tmp_path)), 3)
         data = jsonl(item("ok-1"), item("bad", "bad"), item("boom", "boom"), item("ok-2"),
                      item("streamed", stream=True))  # fmt: skip
         batch = await wait_for(runner, (await start(runner, data)).id)
@@ -177,7 +178,7 @@ def test_mixed_job_completes_with_counts_and_files(tmp_path: Path, caplog) -> No
 def test_lines_go_through_the_pipeline_limits(tmp_path: Path) -> None:
     async def main() -> None:
         pipeline = LimitOnlyPipeline(Settings(max_tokens_limit=16))
-        runner = BatchRunner(pipeline, BatchStore(tmp_path), 2)
+        runner = BatchRunner(pipeline, BatchStore(Storage.local(tmp_path)), 2)
         data = jsonl(item("small", max_tokens=8), item("huge", max_tokens=10_000))
         batch = await wait_for(runner, (await start(runner, data)).id)
         assert batch.status == "completed" and counts(batch) == (2, 1, 1)
@@ -192,7 +193,7 @@ def test_lines_go_through_the_pipeline_limits(tmp_path: Path) -> None:
 def test_counts_move_while_the_job_runs(tmp_path: Path) -> None:
     async def main() -> None:
         gates = {name: asyncio.Event() for name in ("a", "b", "c")}
-        runner = BatchRunner(FakePipeline(gates), BatchStore(tmp_path), 3)
+        runner = BatchRunner(FakePipeline(gates), BatchStore(Storage.local(tmp_path)), 3)
         batch_id = (await start(runner, jsonl(item("a"), item("b", "bad"), item("c")))).id
         gates["a"].set()
         batch = await wait_for(runner, batch_id, lambda b: counts(b)[1] == 1)
@@ -213,7 +214,7 @@ def test_cancel_keeps_finished_lines_and_starts_no_more(tmp_path: Path) -> None:
         names = [f"r{i}" for i in range(6)]
         gates = {name: asyncio.Event() for name in names}
         pipeline = FakePipeline(gates)
-        runner = BatchRunner(pipeline, BatchStore(tmp_path), 1)
+        runner = BatchRunner(pipeline, BatchStore(Storage.local(tmp_path)), 1)
         batch_id = (await start(runner, jsonl(*map(item, names)))).id
         gates["r0"].set()
         await wait_for(runner, batch_id, lambda b: counts(b)[1] == 1)
@@ -238,7 +239,7 @@ def test_resume_after_restart_runs_only_the_remaining_lines(tmp_path: Path) -> N
 
     async def first_life() -> str:
         gates = {name: asyncio.Event() for name in names[3:]}  # never opened
-        runner = BatchRunner(FakePipeline(gates), BatchStore(tmp_path), 2)
+        runner = BatchRunner(FakePipeline(gates), BatchStore(Storage.local(tmp_path)), 2)
         batch_id = (await start(runner, jsonl(*map(item, names)))).id
         await wait_for(runner, batch_id, lambda b: counts(b)[1] == 3)
         await runner.close()  # the process stops with r3, r4 in flight
@@ -246,7 +247,7 @@ def test_resume_after_restart_runs_only_the_remaining_lines(tmp_path: Path) -> N
 
     async def second_life(batch_id: str) -> None:
         pipeline = FakePipeline()
-        runner = BatchRunner(pipeline, BatchStore(tmp_path), 2)
+        runner = BatchRunner(pipeline, BatchStore(Storage.local(tmp_path)), 2)
         assert (await runner.batch(batch_id)).status == "in_progress"
         await runner.resume()
         batch = await wait_for(runner, batch_id)
@@ -274,7 +275,7 @@ class ThreadRecordingStore(BatchStore):
 
 
 def test_store_calls_run_off_the_event_loop(tmp_path: Path) -> None:
-    store = ThreadRecordingStore(tmp_path / "state")
+    store = ThreadRecordingStore(Storage.local(tmp_path / "state"))
     store.threads = set()
     assert not (tmp_path / "state").exists()  # building the store does no I/O
 
@@ -305,7 +306,7 @@ def sdk_app(runner: BatchRunner | None) -> tuple[FastAPI, openai.AsyncOpenAI]:
 
 def test_routes_through_the_openai_sdk(tmp_path: Path) -> None:
     async def main() -> None:
-        runner = BatchRunner(FakePipeline(), BatchStore(tmp_path), 2)
+        runner = BatchRunner(FakePipeline(), BatchStore(Storage.local(tmp_path)), 2)
         app, client = sdk_app(runner)
         path = tmp_path / "in.jsonl"
         path.write_bytes(jsonl(item("ok"), item("bad", "bad")))
@@ -368,7 +369,7 @@ def test_idle_engine_runs_more_lines_and_gives_way_to_clients(tmp_path: Path):
     async def scenario(interactive: int) -> int:
         pipeline = FakePipeline()
         pipeline.interactive = interactive
-        runner = BatchRunner(pipeline, BatchStore(tmp_path / str(interactive)), 2, 8)
+        runner = BatchRunner(pipeline, BatchStore(Storage.local(tmp_path / str(interactive))), 2, 8)
         lines = jsonl(*(item(f"l{i}") for i in range(40)))
         upload = await runner.add_file("in.jsonl", "batch", lines, "anonymous")
         request = BatchCreateRequest(input_file_id=upload.id, endpoint="/v1/completions")

@@ -21,6 +21,7 @@ from loraswap.native.protocol import GenerateRequest
 from loraswap.pipeline import EngineRun, RequestPipeline
 from loraswap.shadows.runner import ShadowJob, shadow_job
 from loraswap.shadows.store import Comparison, ComparisonStore
+from loraswap.storage import Database
 from loraswap.tenants import CURRENT
 from loraswap.tenants.principal import ANONYMOUS, GLOBAL_ADMIN, Principal
 from tests.conftest import SHIPPED
@@ -38,7 +39,9 @@ def registry(tmp_path: Path, base_shapes) -> AdapterRegistry:
         adapter_roots=[SHIPPED, root], registry_uri=str(tmp_path / "registry.json"),
         state_dir=tmp_path / "state", adapter_cache_dir=tmp_path / "cache", registry_poll_s=0,
     )  # fmt: skip
-    reg = AdapterRegistry(settings, base_shapes, FakeEngine(), AuditLog(settings.state_dir))
+    reg = AdapterRegistry(
+        settings, base_shapes, FakeEngine(), AuditLog(Database.embedded(settings.state_dir))
+    )
 
     async def setup() -> None:
         await reg.register("uppercase", str(SHIPPED / "uppercase"), "v1")
@@ -142,7 +145,7 @@ def comparison(adapter: str = "uppercase", same: bool = True, **kw) -> Compariso
 
 
 def test_comparison_summary_counts_agreement_and_shows_differences(tmp_path):
-    store = ComparisonStore(tmp_path, retention_days=7, max_records=100)
+    store = ComparisonStore(Database.embedded(tmp_path), retention_days=7, max_records=100)
     for same in (True, True, False):
         store.add(comparison(same=same))
     store.add(comparison(same=False, shadow_text=None, shadow_error="adapter broken",
@@ -162,13 +165,13 @@ def test_comparison_summary_counts_agreement_and_shows_differences(tmp_path):
 
 
 def test_comparison_store_stays_bounded(tmp_path):
-    store = ComparisonStore(tmp_path, retention_days=7, max_records=100)
+    store = ComparisonStore(Database.embedded(tmp_path), retention_days=7, max_records=100)
     for _ in range(300):
         store.add(comparison())
     assert store.summaries(lambda n: True)[0]["count"] <= 200  # pruned every 100 inserts
     store.prune()
     assert store.summaries(lambda n: True)[0]["count"] == 100
-    old = ComparisonStore(tmp_path, retention_days=1e-9, max_records=100)
+    old = ComparisonStore(Database.embedded(tmp_path), retention_days=1e-9, max_records=100)
     time.sleep(0.01)
     old.prune()
     assert old.summaries(lambda n: True) == []
@@ -284,7 +287,7 @@ def test_shadows_run_on_idle_capacity_and_yield_to_clients(tmp_path):
 
     async def scenario() -> tuple[int, list]:
         engine = SlowEngine(0.3)
-        store = ComparisonStore(tmp_path, retention_days=1, max_records=100)
+        store = ComparisonStore(Database.embedded(tmp_path), retention_days=1, max_records=100)
         runner = ShadowRunner(engine, store, concurrency=1, queue_size=4)
         body = {"model": "uppercase", "messages": [{"role": "user", "content": "hi"}]}
         job = shadow_job("/v1/chat/completions", body, V1, V2, GLOBAL_ADMIN)

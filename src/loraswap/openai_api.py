@@ -27,6 +27,7 @@ def create_app(settings: Settings) -> FastAPI:
     vLLM's routes and exception handlers join in :func:`attach_engine`."""
     from .adapters.router import router as adapters_router
     from .batches import router as batches_router
+    from .batches.runner import replica_id
     from .console.router import router as console_router
     from .info import build_router as info_router
     from .native.router import router as native_router
@@ -42,6 +43,7 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.runtime = None
     app.state.tenancy = Tenancy(settings)  # outlives engine restarts, like the access layer
+    app.state.replica = replica_id()  # this process among replicas (batch job leases)
     errors.install(app)  # vLLM's handlers join when the engine attaches (attach_engine)
     app.include_router(adapters_router)  # before vLLM's: its /v1/models lists adapters too
     app.include_router(native_router)

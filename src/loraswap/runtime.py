@@ -62,6 +62,7 @@ async def build_runtime(app: Any, settings: Settings, engine: Engine) -> Runtime
     from .openai_api import attach_engine
 
     settings = engine.resolved  # ``auto`` values (dtype, slots, host tier) as chosen at start
+    storage = app.state.tenancy.storage
     quiet_vllm_client_errors()
     metrics.labels_of.limit = settings.metrics_adapter_series
     client = engine.client
@@ -81,32 +82,33 @@ async def build_runtime(app: Any, settings: Settings, engine: Engine) -> Runtime
         shapes = BaseModelShapes.from_checkpoint(engine.model_path)
         host = engine.choices.get("adapter_host_bytes")
         registry = AdapterRegistry(
-            settings, shapes, slots, AuditLog(settings.state_dir),
+            settings, shapes, slots, AuditLog(storage.db),
             host_bytes=host.value if host else None,
         )  # fmt: skip
         await registry.restore()
         if settings.preload_adapters and settings.adapter_roots:
             await registry.preload(settings.adapter_roots[0])
         runtime.registry = pipeline.registry = registry
-        pipeline.shadows = start_shadows(pipeline, settings)
+        pipeline.shadows = start_shadows(pipeline, settings, storage.db)
     runtime.batches = BatchRunner(
         pipeline,
-        BatchStore(settings.state_dir),
+        BatchStore(storage),
         settings.batch_concurrency,
         settings.batch_idle_concurrency,
         principal_of=app.state.tenancy.principal_of,
+        replica=app.state.replica,
+        lease_s=settings.batch_lease_s,
+        poll_s=settings.batch_poll_s,
     )
-    await runtime.batches.resume()
+    runtime.batches.start_polling()
     return runtime
 
 
-def start_shadows(pipeline: RequestPipeline, settings: Settings) -> Any:
+def start_shadows(pipeline: RequestPipeline, settings: Settings, db: Any) -> Any:
     from .shadows.runner import ShadowRunner
     from .shadows.store import ComparisonStore
 
-    store = ComparisonStore(
-        settings.state_dir, settings.shadow_retention_days, settings.shadow_max_records
-    )
+    store = ComparisonStore(db, settings.shadow_retention_days, settings.shadow_max_records)
     store.prune()
     return ShadowRunner(pipeline, store, settings.shadow_concurrency, settings.shadow_queue_size)
 

@@ -51,6 +51,8 @@ class EngineSupervisor:
         from .info import ready_banner
 
         started = time.monotonic()
+        # The schema migrated and an older release's state imported before anything reads it.
+        await asyncio.to_thread(self.app.state.tenancy.storage.prepare)
         await self._bring_up()
         logger.info(ready_banner(self.runtime, time.monotonic() - started))
         self._watch = asyncio.create_task(self._watch_engine(), name="engine supervisor")
@@ -61,6 +63,7 @@ class EngineSupervisor:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watch
         await self._take_down()
+        await asyncio.to_thread(self.app.state.tenancy.storage.close)
 
     async def _bring_up(self) -> None:
         await self.engine.start()

@@ -120,7 +120,7 @@ class AdapterRegistry:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sync_task
         if self.audit is not None:
-            self.audit.close()
+            await self.audit.flush()
 
     async def _poll(self) -> None:
         while True:

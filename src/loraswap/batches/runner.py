@@ -12,6 +12,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
+import secrets
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,7 +25,6 @@ from ..routes import BATCH_ENDPOINTS
 from ..tenants import CURRENT, Principal
 from ..tenants.principal import ANONYMOUS
 from .protocol import (
-    ACTIVE,
     CANCELLABLE,
     COMPLETION_WINDOW,
     Batch,
@@ -71,6 +73,11 @@ def move(batch: Batch, status: str) -> None:
     setattr(batch, f"{status}_at", now())
 
 
+def replica_id() -> str:
+    """This process among the replicas: the pod's host name and a random part."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
 def scope_of(viewer: Principal) -> str | None:
     """Whose files and jobs ``viewer`` sees: a tenant only its own, unrestricted keys all."""
     return None if viewer.tenant is None else viewer.name
@@ -89,13 +96,20 @@ class BatchRunner:
         concurrency: int,
         idle_concurrency: int = 0,
         principal_of: Callable[[str | None], Principal] = lambda _: ANONYMOUS,
+        replica: str | None = None,
+        lease_s: float = 30.0,
+        poll_s: float = 5.0,
     ) -> None:
         self.pipeline = pipeline
         self.store = store
         self.principal_of = principal_of
         self.concurrency = max(1, concurrency)  # lines in flight whatever else runs
         self.idle_concurrency = max(self.concurrency, idle_concurrency)  # while clients are idle
+        self.replica = replica or replica_id()
+        self.lease_s = lease_s
+        self.poll_s = poll_s
         self.jobs: dict[str, Job] = {}
+        self._poller: asyncio.Task[None] | None = None
 
     # ----- files ---------------------------------------------------------------------------
     async def add_file(self, filename: str, purpose: str, data: bytes, owner: str) -> FileObject:
@@ -150,12 +164,14 @@ class BatchRunner:
         if input_file.purpose != "batch":
             raise ApiError(400, "the input file's purpose must be batch", param="input_file_id")
         batch = new_batch(request.endpoint, input_file.id, now(), request.metadata)
-        await asyncio.to_thread(self.store.add_batch, batch, owner.name)
+        lease = (self.replica, self.lease_s)
+        await asyncio.to_thread(self.store.add_batch, batch, owner.name, lease)
         self._start(batch.id)
         return batch
 
     async def cancel(self, batch_id: str, scope: str | None = None) -> Batch:
-        """Stop starting lines; lines in flight finish and are kept in the output."""
+        """Stop starting lines; lines in flight finish and are kept in the output. Works from
+        any replica: the one running the job sees the status at its next heartbeat."""
         await self.batch(batch_id, scope)
 
         def cancelling(batch: Batch) -> None:
@@ -171,15 +187,33 @@ class BatchRunner:
         return batch
 
     async def resume(self) -> None:
-        """Restart the jobs a previous process left unfinished (finished lines are kept)."""
-        for batch in await self.batches():
-            if batch.status in ACTIVE and batch.id not in self.jobs:
-                logger.info("resuming batch %s (%s)", batch.id, batch.status)
-                self._start(batch.id)
+        """Take and start the unfinished jobs nobody holds: left by a stopped process, handed
+        back, or held by a replica that stopped renewing its lease."""
+        for batch_id in await asyncio.to_thread(self.store.claimable):
+            if batch_id in self.jobs:
+                continue
+            if await asyncio.to_thread(self.store.claim, batch_id, self.replica, self.lease_s):
+                logger.info("batch %s taken by replica %s", batch_id, self.replica)
+                self._start(batch_id)
+
+    def start_polling(self) -> None:
+        """Resume now, then look for jobs nobody holds every ``poll_s`` seconds."""
+        if self._poller is None:
+            self._poller = asyncio.create_task(self._poll(), name="batch poller")
+
+    async def _poll(self) -> None:
+        while True:
+            try:
+                await self.resume()
+            except Exception:  # the database away for a moment: try again at the next poll
+                logger.exception("looking for batch jobs failed")
+            await asyncio.sleep(self.poll_s)
 
     async def close(self) -> None:
-        """Stop every job where it is; the next process resumes them."""
+        """Stop every job where it is and hand it back; any replica resumes it."""
         tasks = [job.task for job in self.jobs.values() if job.task is not None]
+        if self._poller is not None:
+            tasks.append(self._poller)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -193,6 +227,7 @@ class BatchRunner:
         job.task.add_done_callback(lambda _: self.jobs.pop(batch_id, None))
 
     async def _run(self, batch_id: str, job: Job) -> None:
+        heartbeat = asyncio.create_task(self._heartbeat(batch_id, job))
         try:
             await self._execute(batch_id, job)
         except asyncio.CancelledError:
@@ -202,6 +237,30 @@ class BatchRunner:
         except Exception:
             logger.exception("batch %s failed", batch_id)
             await asyncio.to_thread(self.store.update, batch_id, lambda b: move(b, "failed"))
+        finally:
+            heartbeat.cancel()
+            await asyncio.shield(asyncio.to_thread(self.store.release, batch_id, self.replica))
+
+    async def _heartbeat(self, batch_id: str, job: Job) -> None:
+        """Renew the lease; stop the job when it was lost (another replica runs it now) and
+        stop starting lines when another replica cancelled it."""
+        while True:
+            await asyncio.sleep(min(self.lease_s / 3, 5.0))
+            try:
+                status = await asyncio.to_thread(
+                    self.store.renew, batch_id, self.replica, self.lease_s
+                )
+            except Exception:
+                logger.warning("batch %s: renewing the lease failed", batch_id, exc_info=True)
+                continue
+            if status is None:
+                logger.warning("batch %s: lease lost, another replica runs it", batch_id)
+                job.cancelled.set()
+                if job.task is not None:
+                    job.task.cancel()
+                return
+            if status == "cancelling":
+                job.cancelled.set()
 
     def _read_input(self, batch: Batch) -> tuple[list[BatchInputLine], list[BatchError]]:
         data = self.store.content(batch.input_file_id)

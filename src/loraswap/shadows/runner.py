@@ -190,4 +190,3 @@ class ShadowRunner:
         for task in self.workers:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        self.store.close()

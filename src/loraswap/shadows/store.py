@@ -1,33 +1,22 @@
 """Stored shadow comparisons: both answers of a shadowed request, their tokens and timings.
 
-SQLite in the state directory (``shadows.sqlite``), bounded by age and by count. Summaries are
-per (adapter, primary version, shadow version) pair, scoped to what the caller may see.
+Rows in the shared database, bounded by age and by count. Summaries are per (adapter, primary
+version, shadow version) pair, scoped to what the caller may see.
 """
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from statistics import median
 from typing import Any
 
-from ..sqlite_file import SqliteFile
+from sqlalchemy import Connection, delete, func, select
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS comparisons (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    created REAL, tenant TEXT, adapter TEXT, primary_version TEXT, shadow_version TEXT,
-    route TEXT, prompt TEXT,
-    primary_text TEXT, shadow_text TEXT, primary_tokens INTEGER, shadow_tokens INTEGER,
-    primary_latency_s REAL, shadow_latency_s REAL, primary_ttft_s REAL, shadow_ttft_s REAL,
-    identical INTEGER, shadow_error TEXT
-);
-CREATE INDEX IF NOT EXISTS comparisons_pair
-    ON comparisons (adapter, primary_version, shadow_version, id);
-"""
+from ..storage import Database, schema
+
+COMPARISONS = schema.comparisons
 SAMPLES = 5  # differing pairs shown per summary
 SAMPLE_FIELDS = (
     "id", "created", "route", "prompt", "primary_text", "shadow_text", "primary_tokens",
@@ -58,54 +47,41 @@ class Comparison:
         return self.shadow_error is None and self.primary_text == self.shadow_text
 
 
-class ComparisonStore(SqliteFile):
-    def __init__(self, state_dir: Path, retention_days: float, max_records: int) -> None:
-        super().__init__(Path(state_dir) / "shadows.sqlite", SCHEMA)
+class ComparisonStore:
+    def __init__(self, db: Database, retention_days: float, max_records: int) -> None:
+        self.db = db
         self.retention_s = retention_days * 86400
         self.max_records = max_records
 
     def add(self, c: Comparison) -> int:
-        row = asdict(c) | {"created": time.time(), "identical": int(c.identical)}
-        columns = ", ".join(row)
-        with self._lock:
-            db = self._conn()
-            cur = db.execute(
-                f"INSERT INTO comparisons ({columns}) VALUES ({', '.join('?' * len(row))})",
-                list(row.values()),
-            )
-            rowid = cur.lastrowid or 0
+        row = asdict(c) | {"created": time.time(), "identical": c.identical}
+        with self.db.begin() as conn:
+            rowid = conn.execute(COMPARISONS.insert().values(**row)).inserted_primary_key[0] or 0
             if rowid % 100 == 0:
-                self._prune(db, rowid)
+                self._prune(conn, rowid)
         return rowid
 
-    def _prune(self, db: sqlite3.Connection, last_id: int) -> None:
-        db.execute("DELETE FROM comparisons WHERE created < ?", (time.time() - self.retention_s,))
-        db.execute("DELETE FROM comparisons WHERE id <= ?", (last_id - self.max_records,))
+    def _prune(self, conn: Connection, last_id: int) -> None:
+        conn.execute(delete(COMPARISONS).where(
+            COMPARISONS.c.created < time.time() - self.retention_s))  # fmt: skip
+        conn.execute(delete(COMPARISONS).where(COMPARISONS.c.id <= last_id - self.max_records))
 
     def prune(self) -> None:
-        with self._lock:
-            db = self._conn()
-            last = db.execute("SELECT COALESCE(MAX(id), 0) FROM comparisons").fetchone()[0]
-            self._prune(db, last)
+        with self.db.begin() as conn:
+            last = conn.execute(select(func.coalesce(func.max(COMPARISONS.c.id), 0))).scalar()
+            self._prune(conn, last)
 
     def summaries(
         self, visible: Callable[[str], bool], adapter: str | None = None
     ) -> list[dict[str, Any]]:
         """One summary per (adapter, primary, shadow): agreement, lengths, latencies, and the
         latest differing pairs."""
-        query = "SELECT * FROM comparisons"
-        args: list[Any] = []
+        query = select(COMPARISONS).order_by(COMPARISONS.c.id)
         if adapter is not None:
-            query += " WHERE adapter = ?"
-            args.append(adapter)
+            query = query.where(COMPARISONS.c.adapter == adapter)
+        with self.db.begin() as conn:
+            rows = [dict(r._mapping) for r in conn.execute(query)]
         pairs: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
-        with self._lock:
-            db = self._conn()
-            db.row_factory = sqlite3.Row
-            try:
-                rows = [dict(r) for r in db.execute(query + " ORDER BY id", args)]
-            finally:
-                db.row_factory = None
         for row in rows:
             if visible(row["adapter"]):
                 key = (row["adapter"], row["primary_version"], row["shadow_version"])

@@ -1,7 +1,9 @@
 """Usage per tenant and served model (``adapter@version`` or the base model), for billing.
 
-Counted where the engine finishes a request (exact token counts), kept in memory and written
-to SQLite in the state directory every few seconds and at shutdown, so totals survive restarts.
+Counted where the engine finishes a request (exact token counts), kept in memory and added to
+the shared database every few seconds and at shutdown (an upsert that adds, so replicas sum),
+so totals survive restarts and read the same from every replica. The batch budget check reads
+a total refreshed at each flush, never the database on the event loop.
 Prometheus gets the same counts with bounded labels: at most ``MAX_MODELS_PER_TENANT`` model
 values per tenant, the rest as ``other``.
 """
@@ -10,14 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sqlite3
+import logging
 import threading
 import time
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 from prometheus_client import Counter
+from sqlalchemy import func, select
+
+from ..storage import Database, schema
 
 MAX_MODELS_PER_TENANT = 50
 REQUESTS = Counter(
@@ -26,13 +30,8 @@ REQUESTS = Counter(
 TOKENS = Counter(
     "loraswap_tenant_tokens", "Tokens per tenant, model and kind", ["tenant", "model", "kind"]
 )
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS usage (
-    tenant TEXT, model TEXT, day TEXT, source TEXT,
-    requests INTEGER, prompt_tokens INTEGER, completion_tokens INTEGER,
-    PRIMARY KEY (tenant, model, day, source)
-);
-"""
+USAGE = schema.usage
+logger = logging.getLogger(__name__)
 Key = tuple[str, str, str, str]  # tenant, model, UTC day, source (api | batch)
 
 
@@ -41,9 +40,11 @@ def utc_day(at: float | None = None) -> str:
 
 
 class UsageLedger:
-    def __init__(self, state_dir: Path, flush_s: float = 5.0) -> None:
-        self.path = Path(state_dir) / "usage.sqlite"
+    def __init__(self, db: Database, flush_s: float = 5.0) -> None:
+        self.db = db
         self.flush_s = flush_s
+        self.batch_stored: dict[str, int] | None = None  # today's stored batch tokens per tenant
+        self.batch_day = ""
         self.pending: dict[Key, list[int]] = defaultdict(lambda: [0, 0, 0])
         self.labels: dict[str, set[str]] = defaultdict(set)
         self._lock = threading.Lock()
@@ -75,31 +76,49 @@ class UsageLedger:
     async def _flush_loop(self) -> None:
         while True:
             await asyncio.sleep(self.flush_s)
-            await asyncio.to_thread(self.flush)
-
-    def _connect(self) -> sqlite3.Connection:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.path)
-        db.executescript(SCHEMA)
-        return db
+            try:
+                await asyncio.to_thread(self.flush)
+            except Exception as exc:  # kept in memory, written at the next flush
+                logger.warning("usage not written yet (%s); retrying in %s s", exc, self.flush_s)
 
     def flush(self) -> None:
+        """Add what was counted since the last flush to the database; refresh the batch
+        totals of today (other replicas' flushes included)."""
         with self._lock:
             pending, self.pending = self.pending, defaultdict(lambda: [0, 0, 0])
-        if not pending:
-            return
-        db = self._connect()
-        try:
-            with db:
-                db.executemany(
-                    "INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET "
-                    "requests = requests + excluded.requests, "
-                    "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
-                    "completion_tokens = completion_tokens + excluded.completion_tokens",
-                    [(*key, *counts) for key, counts in pending.items()],
-                )
-        finally:
-            db.close()
+        if pending:
+            rows = [dict(zip(("tenant", "model", "day", "source", "requests", "prompt_tokens",
+                              "completion_tokens"), (*key, *counts), strict=True))
+                    for key, counts in pending.items()]  # fmt: skip
+            insert = self.db.insert(USAGE)
+            added = insert.on_conflict_do_update(
+                index_elements=["tenant", "model", "day", "source"],
+                set_={c: USAGE.c[c] + insert.excluded[c]
+                      for c in ("requests", "prompt_tokens", "completion_tokens")},
+            )  # fmt: skip
+            try:
+                with self.db.begin() as conn:
+                    conn.execute(added, rows)
+            except Exception:
+                with self._lock:  # kept for the next flush: usage is never dropped
+                    for key, counts in pending.items():
+                        row = self.pending[key]
+                        for i in range(3):
+                            row[i] += counts[i]
+                raise
+        self._refresh_batch_totals()
+
+    def _refresh_batch_totals(self) -> None:
+        today = utc_day()
+        query = (
+            select(USAGE.c.tenant, func.sum(USAGE.c.prompt_tokens + USAGE.c.completion_tokens))
+            .where(USAGE.c.day == today, USAGE.c.source == "batch")
+            .group_by(USAGE.c.tenant)
+        )
+        with self.db.begin() as conn:
+            totals = {tenant: int(total or 0) for tenant, total in conn.execute(query)}
+        with self._lock:
+            self.batch_stored, self.batch_day = totals, today
 
     async def close(self) -> None:
         if self._flusher is not None:
@@ -112,36 +131,27 @@ class UsageLedger:
     def report(self, tenant: str | None = None, since: str | None = None) -> list[dict[str, Any]]:
         """Totals per (tenant, model, day, source), stored and pending, newest day first."""
         self.flush()
-        db = self._connect()
-        try:
-            rows = db.execute(
-                "SELECT tenant, model, day, source, requests, prompt_tokens, completion_tokens "
-                "FROM usage WHERE (? IS NULL OR tenant = ?) AND (? IS NULL OR day >= ?) "
-                "ORDER BY day DESC, tenant, model, source",
-                (tenant, tenant, since, since),
-            ).fetchall()
-        finally:
-            db.close()
-        names = ("tenant", "model", "day", "source", "requests", "prompt_tokens",
-                 "completion_tokens")  # fmt: skip
-        return [dict(zip(names, row, strict=True)) for row in rows]
+        query = select(USAGE).order_by(
+            USAGE.c.day.desc(), USAGE.c.tenant, USAGE.c.model, USAGE.c.source
+        )
+        if tenant is not None:
+            query = query.where(USAGE.c.tenant == tenant)
+        if since is not None:
+            query = query.where(USAGE.c.day >= since)
+        with self.db.begin() as conn:
+            return [dict(row._mapping) for row in conn.execute(query)]
 
     def batch_tokens_today(self, tenant: str) -> int:
+        """Stored (as of the last flush) plus pending batch tokens of ``tenant`` today; reads the
+        database only the first time in a day when no flush has run yet."""
         today = utc_day()
         with self._lock:
             pending = sum(
                 c[1] + c[2] for k, c in self.pending.items()
                 if k[0] == tenant and k[2] == today and k[3] == "batch"
             )  # fmt: skip
-        if not self.path.exists():
-            return pending
-        db = self._connect()
-        try:
-            (stored,) = db.execute(
-                "SELECT COALESCE(SUM(prompt_tokens + completion_tokens), 0) FROM usage "
-                "WHERE tenant = ? AND day = ? AND source = 'batch'",
-                (tenant, today),
-            ).fetchone()
-        finally:
-            db.close()
-        return pending + stored
+            stored = self.batch_stored if self.batch_day == today else None
+        if stored is None:
+            self._refresh_batch_totals()
+            stored = self.batch_stored or {}
+        return pending + stored.get(tenant, 0)

@@ -1,0 +1,105 @@
+"""The tables of everything durable, one schema for SQLite and PostgreSQL.
+
+Changes to these tables go through a new Alembic revision in ``migrations/versions``; the
+metadata here is what the newest revision creates (a test compares the two).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+
+metadata = MetaData()
+
+files = Table(
+    "files",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("filename", Text, nullable=False),
+    Column("purpose", String(64), nullable=False),
+    Column("bytes", BigInteger, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("owner", String(255), nullable=True),  # NULL: predates tenants, unrestricted keys
+)
+
+batches = Table(
+    "batches",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("body", Text, nullable=False),  # the OpenAI Batch object as JSON
+    Column("status", String(32), nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("owner", String(255), nullable=True),
+    Column("lease_owner", String(255), nullable=True),  # the replica running the job
+    Column("lease_expires", Float, nullable=True),  # wall clock; another replica may take it after
+    Index("batches_status", "status", "lease_expires"),
+)
+
+batch_results = Table(
+    "batch_results",
+    metadata,
+    Column("batch_id", String(64), primary_key=True),
+    Column("line", Integer, primary_key=True),
+    Column("ok", Boolean, nullable=False),
+    Column("output", Text, nullable=False),
+)
+
+usage = Table(
+    "usage",
+    metadata,
+    Column("tenant", String(255), primary_key=True),
+    Column("model", String(512), primary_key=True),
+    Column("day", String(10), primary_key=True),
+    Column("source", String(16), primary_key=True),
+    Column("requests", BigInteger, nullable=False),
+    Column("prompt_tokens", BigInteger, nullable=False),
+    Column("completion_tokens", BigInteger, nullable=False),
+)
+
+audit = Table(
+    "audit",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", Float, nullable=False),
+    Column("actor", String(255)),
+    Column("key_id", String(255)),
+    Column("action", String(64), nullable=False),
+    Column("adapter", String(512)),
+    Column("detail", Text),
+    Index("audit_adapter", "adapter", "id"),
+)
+
+comparisons = Table(
+    "comparisons",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("created", Float, nullable=False),
+    Column("tenant", String(255)),
+    Column("adapter", String(512)),
+    Column("primary_version", String(255)),
+    Column("shadow_version", String(255)),
+    Column("route", String(255)),
+    Column("prompt", Text),
+    Column("primary_text", Text),
+    Column("shadow_text", Text),
+    Column("primary_tokens", Integer),
+    Column("shadow_tokens", Integer),
+    Column("primary_latency_s", Float),
+    Column("shadow_latency_s", Float),
+    Column("primary_ttft_s", Float),
+    Column("shadow_ttft_s", Float),
+    Column("identical", Boolean),
+    Column("shadow_error", Text),
+    Index("comparisons_pair", "adapter", "primary_version", "shadow_version", "id"),
+    Index("comparisons_created", "created"),
+)
