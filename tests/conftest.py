@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import bentoml
@@ -65,6 +66,17 @@ def s3(tmp_path_factory: pytest.TempPathFactory):
     proc.terminate()
     proc.wait(timeout=30)
     log.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A real PostgreSQL server for the session (PostgreSQL's own initdb/pg_ctl)."""
+    from tests import postgres_server
+
+    if not postgres_server.available():
+        pytest.fail("PostgreSQL's initdb/pg_ctl are missing: `make servers` installs them")
+    with postgres_server.postgres() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -68,7 +68,9 @@ class AuditLog:
         before: int | None = None,
     ) -> list[dict[str, Any]]:
         """Newest first, only entries about adapters ``visible`` to the caller."""
-        query = select(AUDIT).where(AUDIT.c.id < (before if before is not None else 2**62))
+        query = select(AUDIT)
+        if before is not None:
+            query = query.where(AUDIT.c.id < before)
         if adapter is not None:
             query = query.where(AUDIT.c.adapter == adapter)
         query = query.order_by(AUDIT.c.id.desc())

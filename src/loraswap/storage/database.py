@@ -38,7 +38,8 @@ class Database:
         parsed = make_url(self.url)
         self.dialect = parsed.get_backend_name()
         self.sqlite = self.dialect == "sqlite"
-        self.sqlite_path = parsed.database if self.sqlite and parsed.database != ":memory:" else None
+        in_file = self.sqlite and parsed.database not in (None, "", ":memory:")
+        self.sqlite_path = parsed.database if in_file else None
         self._lock = threading.RLock()
         self._engine: Engine | None = None
         self._migrated = False

@@ -20,6 +20,8 @@ from sqlalchemy import (
 )
 
 metadata = MetaData()
+# 64-bit ids on PostgreSQL; SQLite autoincrements only a column declared INTEGER.
+Id = BigInteger().with_variant(Integer, "sqlite")
 
 files = Table(
     "files",
@@ -69,7 +71,7 @@ usage = Table(
 audit = Table(
     "audit",
     metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("id", Id, primary_key=True, autoincrement=True),
     Column("at", Float, nullable=False),
     Column("actor", String(255)),
     Column("key_id", String(255)),
@@ -82,7 +84,7 @@ audit = Table(
 comparisons = Table(
     "comparisons",
     metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("id", Id, primary_key=True, autoincrement=True),
     Column("created", Float, nullable=False),
     Column("tenant", String(255)),
     Column("adapter", String(512)),

@@ -14,6 +14,7 @@ revision = "0001"
 down_revision = None
 branch_labels = None
 depends_on = None
+ID = sa.BigInteger().with_variant(sa.Integer, "sqlite")
 
 
 def upgrade() -> None:
@@ -56,7 +57,7 @@ def upgrade() -> None:
     )
     op.create_table(
         "audit",
-        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("id", ID, primary_key=True, autoincrement=True),
         sa.Column("at", sa.Float, nullable=False),
         sa.Column("actor", sa.String(255)),
         sa.Column("key_id", sa.String(255)),
@@ -67,7 +68,7 @@ def upgrade() -> None:
     op.create_index("audit_adapter", "audit", ["adapter", "id"])
     op.create_table(
         "comparisons",
-        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("id", ID, primary_key=True, autoincrement=True),
         sa.Column("created", sa.Float, nullable=False),
         sa.Column("tenant", sa.String(255)),
         sa.Column("adapter", sa.String(512)),
