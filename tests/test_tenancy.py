@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
+import limits.aio.storage.memory
 import pytest
 from pydantic import ValidationError
 
+import loraswap.tenants.limits
 from loraswap.adapters.keys import AdapterKey
 from loraswap.config import Settings
 from loraswap.errors import ApiError
@@ -97,33 +101,40 @@ def tenant_principal(**limits) -> Principal:
     return Principal("acme", Tenant(name="acme", limits=Limits(**limits)), admin=False)
 
 
-def test_limiter_concurrency_requests_and_tokens_per_minute():
+def test_limiter_concurrency_requests_and_tokens_per_minute(monkeypatch: pytest.MonkeyPatch):
     now = [1000.0]
-    limiter = TenantLimiter(clock=lambda: now[0])
+    clock = SimpleNamespace(time=lambda: now[0], monotonic=time.monotonic)
+    for module in (limits.aio.storage.memory, loraswap.tenants.limits):  # the library's clock too
+        monkeypatch.setattr(module, "time", clock)
+    limiter = TenantLimiter()
     acme = tenant_principal(max_concurrent=2, requests_per_minute=3, tokens_per_minute=100)
-    assert limiter.acquire(acme) and limiter.acquire(acme)
-    with pytest.raises(ApiError) as busy:
-        limiter.acquire(acme)
-    assert busy.value.status == 429 and busy.value.headers["retry-after"] == "1"
-    limiter.release(acme)
-    now[0] += 10
-    limiter.acquire(acme)  # third request of the minute
-    limiter.release(acme)
-    limiter.release(acme)
-    with pytest.raises(ApiError) as rpm:
-        limiter.acquire(acme)
-    assert "requests per minute" in rpm.value.message
-    assert rpm.value.headers["retry-after"] == "50"  # the first one leaves the window at +60 s
-    now[0] += 51
-    limiter.acquire(acme)
-    limiter.add_tokens(acme, 120)
-    limiter.release(acme)
-    with pytest.raises(ApiError) as tpm:
-        limiter.acquire(acme)
-    assert "tokens per minute" in tpm.value.message and tpm.value.headers["retry-after"] == "60"
-    now[0] += 61
-    assert limiter.acquire(acme)
-    assert limiter.acquire(DEFAULT_USER) is False  # not a tenant: no tenant limits
+
+    async def scenario() -> None:
+        assert await limiter.acquire(acme) and await limiter.acquire(acme)
+        with pytest.raises(ApiError) as busy:
+            await limiter.acquire(acme)
+        assert busy.value.status == 429 and busy.value.headers["retry-after"] == "1"
+        await limiter.release(acme)
+        now[0] += 10
+        await limiter.acquire(acme)  # third request of the minute
+        await limiter.release(acme)
+        await limiter.release(acme)
+        with pytest.raises(ApiError) as rpm:
+            await limiter.acquire(acme)
+        assert "requests per minute" in rpm.value.message
+        assert rpm.value.headers["retry-after"] == "50"  # the first one leaves the window at +60
+        now[0] += 51
+        await limiter.acquire(acme)
+        await limiter.add_tokens(acme, 120)
+        await limiter.release(acme)
+        with pytest.raises(ApiError) as tpm:
+            await limiter.acquire(acme)
+        assert "tokens per minute" in tpm.value.message and tpm.value.headers["retry-after"] == "60"
+        now[0] += 61
+        assert await limiter.acquire(acme)
+        assert await limiter.acquire(DEFAULT_USER) is False  # not a tenant: no tenant limits
+
+    asyncio.run(scenario())
 
 
 def test_usage_is_durable_and_its_labels_bounded(tmp_path: Path):

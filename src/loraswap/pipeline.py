@@ -208,7 +208,7 @@ class RequestPipeline:
                 body["model"] = model = str(key)
             limited = False
             if not background and self.tenancy is not None:
-                limited = self.tenancy.limiter.acquire(principal)
+                limited = await self.tenancy.limiter.acquire(principal)
         except BaseException:
             if key is not None:
                 self.registry.slots.release(key)
@@ -239,7 +239,7 @@ class RequestPipeline:
             self.registry.slots.release(admission.key)
             self.registry.record_request(admission.key, ok)
         if admission.limited and self.tenancy is not None:
-            self.tenancy.limiter.release(admission.principal)
+            self.tenancy.limiter.release_soon(admission.principal)  # in a task if it must wait
 
     # ----- running through vLLM's serving layer --------------------------------------------
     async def call_vllm(self, path: str, body: dict[str, Any], raw: Any) -> Any:
@@ -349,7 +349,7 @@ class RequestPipeline:
             principal = current()
             self.tenancy.usage.record(principal.name, model, prompt, completion, source)
             if source != "shadow":
-                self.tenancy.limiter.add_tokens(principal, prompt + completion)
+                self.tenancy.limiter.add_tokens_soon(principal, prompt + completion)
 
 
 @dataclass

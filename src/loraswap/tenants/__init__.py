@@ -24,7 +24,7 @@ class Tenancy:
             settings, TenantStore(uri, settings.fsspec_storage_options)
         )
         self.directory.load()
-        self.limiter = TenantLimiter()
+        self.limiter = TenantLimiter.from_settings(settings)
         self.usage = UsageLedger(settings.state_dir)
 
     def principal_of(self, owner: str | None) -> Principal:
