@@ -76,3 +76,15 @@ def postgres() -> Iterator[str]:
                         "stop"], check=False, stdout=subprocess.DEVNULL,
                        stderr=subprocess.STDOUT)  # fmt: skip
         shutil.rmtree(root, ignore_errors=True)
+
+
+def new_database(base_url: str, name: str) -> str:
+    """A new empty database on the server of ``base_url``; its URL."""
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    url = make_url(base_url)
+    dsn = f"host={url.host} port={url.port} user={url.username} dbname=postgres"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    return str(url.set(database=name).render_as_string(hide_password=False))

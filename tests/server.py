@@ -42,6 +42,7 @@ class Server:
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
         self.known: dict[int, psutil.Process] = {}
+        self.start_timeout_s = START_TIMEOUT_S
 
     def start(self) -> Server:
         self._log = self.log_path.open("wb")
@@ -53,7 +54,7 @@ class Server:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        deadline = time.monotonic() + START_TIMEOUT_S
+        deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
             self.remember_processes()
             if self.proc.poll() is not None:
@@ -66,7 +67,7 @@ class Server:
                 pass
             time.sleep(2)
         self.stop()
-        raise RuntimeError(f"server not ready after {START_TIMEOUT_S}s:\n{self.log_tail()}")
+        raise RuntimeError(f"server not ready after {self.start_timeout_s}s:\n{self.log_tail()}")
 
     def remember_processes(self) -> None:
         """Track every descendant: engine processes live in their own process groups."""

@@ -19,6 +19,7 @@ from loraswap.adapters.keys import AdapterKey
 from loraswap.config import Settings
 from loraswap.errors import ApiError
 from loraswap.pipeline import RequestPipeline
+from loraswap.storage import Database
 from loraswap.tenants import Limits, Tenancy, Tenant
 from loraswap.tenants.directory import TenantDirectory, TenantStore
 from loraswap.tenants.limits import TenantLimiter
@@ -138,14 +139,14 @@ def test_limiter_concurrency_requests_and_tokens_per_minute(monkeypatch: pytest.
 
 
 def test_usage_is_durable_and_its_labels_bounded(tmp_path: Path):
-    ledger = UsageLedger(tmp_path, flush_s=0)
+    ledger = UsageLedger(Database.embedded(tmp_path), flush_s=0)
     ledger.record("acme", "acme-up@v1", 10, 5)
     ledger.record("acme", "acme-up@v1", 7, 3)
     ledger.record("acme", "base", 4, 4, source="batch")
     ledger.flush()
     ledger.record("acme", "base", 1, 1, source="batch")  # pending, not flushed yet
     assert ledger.batch_tokens_today("acme") == 10
-    again = UsageLedger(tmp_path, flush_s=0)  # a restarted server
+    again = UsageLedger(Database.embedded(tmp_path), flush_s=0)  # a restarted server
     ledger.flush()
     rows = {(r["model"], r["source"]): r for r in again.report("acme")}
     assert rows[("acme-up@v1", "api")]["requests"] == 2

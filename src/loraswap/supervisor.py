@@ -63,6 +63,7 @@ class EngineSupervisor:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watch
         await self._take_down()
+        await self.app.state.tenancy.limiter.close()  # hands this replica's in-flight leases back
         await asyncio.to_thread(self.app.state.tenancy.storage.close)
 
     async def _bring_up(self) -> None:

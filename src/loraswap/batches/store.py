@@ -194,8 +194,11 @@ class BatchStore:
 
     def record(self, batch_id: str, line: int, ok: bool, output: str) -> Batch | None:
         """Commit one finished line (the first answer of a line wins) and the batch's
-        ``request_counts``, in one transaction."""
+        ``request_counts``, in one transaction. The job's row is locked first, so the count
+        runs after every other line's commit (under READ COMMITTED a count taken before the
+        lock would miss a concurrent line)."""
         with self.db.begin() as conn:
+            self._get(conn, batch_id, lock=True)
             conn.execute(
                 self.db.insert(RESULTS).on_conflict_do_nothing(),
                 {"batch_id": batch_id, "line": line, "ok": ok, "output": output},

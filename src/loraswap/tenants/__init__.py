@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import Settings
+from ..storage import Storage
 from .directory import TenantDirectory, TenantStore
 from .limits import TenantLimiter
 from .model import ApiKey, Limits, Tenant
@@ -18,14 +19,15 @@ __all__ = ["CURRENT", "ApiKey", "Limits", "Principal", "Tenancy", "Tenant", "cur
 class Tenancy:
     """The directory, limiter and usage ledger of one server (they outlive engine restarts)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, storage: Storage | None = None) -> None:
         uri = settings.tenants_uri or str(Path(settings.state_dir) / "tenants.json")
         self.directory = TenantDirectory(
             settings, TenantStore(uri, settings.fsspec_storage_options)
         )
         self.directory.load()
         self.limiter = TenantLimiter.from_settings(settings)
-        self.usage = UsageLedger(settings.state_dir)
+        self.storage = storage or Storage.from_settings(settings)
+        self.usage = UsageLedger(self.storage.db)
 
     def principal_of(self, owner: str | None) -> Principal:
         """Who a stored job runs as: its tenant as it is now (a deleted tenant's lines can use
