@@ -18,7 +18,7 @@ CHROMIUM := /usr/bin/chromium
 export UV_FIND_LINKS ?= $(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
 
 
-.PHONY: install model serve test servers fuzz lint lock docs build bento-version bench bench-many bench-report clean
+.PHONY: install model serve test servers fleet fuzz lint lock docs build bento-version bench bench-many bench-report clean
 
 install: $(STAMP)
 
@@ -44,6 +44,10 @@ serve: model
 
 test: model $(FUZZ_STAMP) $(CHROMIUM) servers
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Two replicas on this machine behind haproxy, sharing PostgreSQL and Redis (docs/replicas.md).
+fleet: model servers
+	$(PY) scripts/fleet.py --port $(PORT) $(FLEET_ARGS)
 
 # Real servers the tests start on loopback (Redis for fleet-wide limits, haproxy in front of the
 # fleet test's replicas, PostgreSQL for shared state): Debian's packages where missing.

@@ -44,6 +44,7 @@ from loraswap.model_import import import_model, packaged_gguf
 RESULTS = ROOT / "benchmarks" / "results"
 SYSTEMS = (
     "loraswap",
+    "loraswap-shared",
     "loraswap-eager",
     "loraswap-w8a8",
     "vllm",
@@ -151,7 +152,7 @@ class Bench:
 
     def server(self, system: str) -> ServerProcess:
         log = self.logs / f"{system}.log"
-        if system in ("loraswap", "loraswap-eager", "loraswap-w8a8"):
+        if system in ("loraswap", "loraswap-eager", "loraswap-w8a8", "loraswap-shared"):
             env = {
                 "LORASWAP_ADAPTER_ROOTS": json.dumps([str(self.adapter_root)]),
                 "LORASWAP_STATE_DIR": str(self.work / "state"),
@@ -160,6 +161,8 @@ class Bench:
             }
             if system == "loraswap-eager":  # without torch.compile (vLLM's own choice with LoRA)
                 env["LORASWAP_COMPILE_LORA"] = "false"
+            if system == "loraswap-shared":  # a fleet replica: PostgreSQL and Redis for its state
+                env |= self.shared_state
             if system == "loraswap-w8a8":
                 quantized = import_model(self.model_dir, name=f"{self.base}-w8a8", quantize="w8a8")
                 env["LORASWAP_BASE_MODEL"] = quantized.tag
@@ -208,6 +211,19 @@ class Bench:
                 client.post("/v1/completions", json=body).raise_for_status()
 
     def run_system(self, system: str) -> None:
+        with contextlib.ExitStack() as stack:
+            if system == "loraswap-shared":
+                sys.path.insert(0, str(ROOT))  # the tests' throwaway PostgreSQL and Redis
+                from tests.postgres_server import postgres
+                from tests.redis_server import RedisServer
+
+                redis = RedisServer(self.work / "redis").start()
+                stack.callback(redis.stop)
+                self.shared_state = {"LORASWAP_DATABASE_URL": stack.enter_context(postgres()),
+                                     "LORASWAP_LIMITS_URI": redis.uri}  # fmt: skip
+            self._run_system(system)
+
+    def _run_system(self, system: str) -> None:
         quick, out_len = self.args.quick, 32 if self.args.quick else 64
         if system == "loraswap" and not quick:
             # The first start fills caches (bytecode, compile); the measured start is warm.

@@ -44,8 +44,8 @@ backend replicas
 class Balancer:
     """haproxy in front of the replicas' ports."""
 
-    def __init__(self, workdir: Path, ports: list[int]) -> None:
-        self.port = free_port()
+    def __init__(self, workdir: Path, ports: list[int], port: int | None = None) -> None:
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.config = workdir / "haproxy.cfg"
         servers = "\n".join(f"    server r{i} 127.0.0.1:{p} check" for i, p in enumerate(ports))

@@ -86,6 +86,19 @@ def cmd_info(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_migrate(ns: argparse.Namespace) -> int:
+    """Bring the configured database to the newest schema (and import a 0.1.0 state directory),
+    as every replica does at start: run it before a rollout to migrate once, on purpose."""
+    from .storage import Storage
+
+    storage = Storage.from_settings(Settings())
+    storage.prepare()
+    print(f"{storage.db.engine.url.render_as_string(hide_password=True)}: schema revision "
+          f"{storage.db.revision()}")  # fmt: skip
+    storage.close()
+    return 0
+
+
 def default_url() -> str:
     return f"http://127.0.0.1:{os.environ.get('BENTOML_PORT', '3000')}"
 
@@ -286,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     inf = sub.add_parser("info", help="the machine, auto-chosen engine settings, their sources")
     inf.add_argument("--json", action="store_true")
     inf.set_defaults(func=cmd_info)
+
+    mig = sub.add_parser("migrate", help="bring LORASWAP_DATABASE_URL to the newest schema")
+    mig.set_defaults(func=cmd_migrate)
 
     cfg = sub.add_parser("config", help="show the effective configuration")
     cfg.add_argument("--markdown", action="store_true", help="print the README table instead")
