@@ -1,37 +1,43 @@
 """Per-tenant admission that holds across replicas: requests in flight, requests and tokens per
 minute, counted in the storage ``limits_uri`` names (``memory://`` per process, ``redis://`` for
-the fleet).
+the fleet), with the ``limits`` library's async API (``limits.aio``: it runs on the event loop).
 
-The per-minute limits are the ``limits`` library's moving windows (``limits.aio``: the limiter
-runs on the event loop). Tokens are known only when the engine finishes a request, so they are
-recorded then, and a request is refused while its tenant's window holds its budget or more (a
-tenant gets at most its budget plus what its admitted requests use). In flight: a Redis sorted
-set of leases (see :class:`TenantLimiter`). A storage outage never answers 500: it serves
+Requests per minute: the library's moving window (one entry per request, at most the limit).
+Tokens per minute: its sliding window counter, two counters per tenant (this minute's and the
+last one's) whatever the budget, so a 10-million-token budget costs Redis two small strings, not
+an entry per token. Tokens are known only when the engine finishes a request, so they are
+recorded then, never refused, even past the budget. A request is admitted while the tenant's
+weighted count (last minute's tokens times the share of that minute the sliding minute still
+covers, plus this minute's) is below the budget, else refused with 429 until it falls below.
+
+The weighting assumes last minute's tokens were spread evenly over it, so the bound is
+approximate: in each counter minute (on Redis, minutes from the tenant's first recorded tokens,
+timed by the server; on ``memory://``, clock minutes) a tenant gets at most its budget plus
+what its admitted requests use (one request's worth per request in flight), as with an exact
+window; over an arbitrary 60 s span up to about twice that when the previous minute's tokens
+came at its very end (and it is refused below its budget when they came at its start).
+
+In flight: Redis leases (:mod:`.inflight`). A storage outage never answers 500: it serves
 unlimited (``limits_fail_open``) or refuses tenant requests with 503, logged once per outage.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import itertools
 import logging
 import math
 import time
-import uuid
-from collections import defaultdict
 from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import urlsplit
 
 from limits import RateLimitItemPerMinute
-from limits.aio.strategies import MovingWindowRateLimiter
-from limits.errors import StorageError
+from limits.aio.strategies import MovingWindowRateLimiter, SlidingWindowCounterRateLimiter
 from limits.limits import safe_string
 from limits.storage import storage_from_string
-from redis.exceptions import RedisError
 
 from ..errors import ApiError
+from .inflight import STORAGE_ERRORS, Leases, LocalCount
 from .principal import Principal
 
 if TYPE_CHECKING:
@@ -42,38 +48,49 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-STORAGE_ERRORS = (StorageError, RedisError, OSError, asyncio.TimeoutError)
-PREFIX = "LIMITS:loraswap"  # the library's own prefix, so its reset() clears ours too
-
-# Takes one lease for a request in flight unless the tenant already holds its limit; leases
-# past their expiry (a crashed replica's) are dropped first. Times are the server's (TIME), so
-# replicas' clocks do not matter. KEYS[1]: the tenant's set; ARGV: limit, lease id, lease ms.
-ACQUIRE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return 1
-"""
-# Extends this replica's live leases (XX: a lease already dropped stays dropped).
-RENEW = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-for i = 2, #ARGV do redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[1]), ARGV[i]) end
-if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
-return 0
-"""
+MINUTE = 60  # s: the windows' length
+REQUESTS, TOKENS = "loraswap/requests", "loraswap/tokens"  # the windows' namespaces
+UNCAPPED = 2**53 - 1  # a token window no recording fills (exact in Lua's doubles)
 
 
 class _Window(RateLimitItemPerMinute):
     """A one-minute window keyed by namespace and tenant only, not by its amount: the token
-    check (amount = the budget) and the token recording (a larger amount) share one window, and
-    a tenant whose limit changes keeps its window."""
+    recording (a window no count fills) and the check read the same counters, and a tenant
+    whose limit changes keeps its window."""
 
     def key_for(self, *identifiers: bytes | str | int | float) -> str:
         return "/".join([self.namespace, *(safe_string(i) for i in identifiers)])
+
+
+class TokenWindow(NamedTuple):
+    """A tenant's token counters as the storage's ``get_sliding_window`` reads them: last
+    minute's count and the seconds until it stops counting (this minute's end), this minute's
+    count and the seconds until it expires (its end plus a minute)."""
+
+    previous: int
+    previous_ttl: float
+    current: int
+    current_ttl: float
+
+    @property
+    def used(self) -> float:
+        """The weighted count, as the library's sliding window counter computes it."""
+        return self.previous * self.previous_ttl / MINUTE + self.current
+
+    def below_in(self, budget: int) -> float:
+        """Seconds until :attr:`used` falls below ``budget`` if no more tokens are recorded.
+
+        Last minute's share falls linearly to 0 at this minute's end, then this minute's count
+        becomes last minute's and falls the same way. (The library's own reset time is when one
+        more token fits: microseconds away for millions of last minute's tokens, else this
+        minute's end, while a count over the budget keeps weighing after it.)
+        """
+        if self.current < budget:
+            if not self.previous:
+                return 0.0
+            return self.previous_ttl - (budget - self.current) * MINUTE / self.previous
+        to_minute_end = max(0.0, self.current_ttl - MINUTE)
+        return to_minute_end + MINUTE * (1 - budget / self.current)
 
 
 def async_uri(uri: str) -> str:
@@ -90,12 +107,8 @@ def _redacted(uri: str) -> str:
 class TenantLimiter:
     """Counts each tenant's requests and tokens in one storage shared by every replica.
 
-    In flight on Redis: one sorted set per tenant of leases (member: replica id and request
-    number, score: expiry in ms), taken atomically by a script that first drops expired leases.
-    A live replica renews its own leases every ``lease_s / 3`` s, so a request may run for any
-    time, while a crashed replica's leases (it can no longer release them) vanish within
-    ``lease_s``. Chosen over per-replica INCR/DECR counters, which need a registry of live
-    replicas to know which counters to sum. On ``memory://`` an in-process counter.
+    In flight: :class:`~.inflight.Leases` on Redis (renewed by their replica, a crashed
+    replica's expire within ``lease_s``), :class:`~.inflight.LocalCount` on ``memory://``.
 
     When Redis fails, the limiter stops asking it for ``probe_s`` s (requests do not each wait
     for a dead server), then the next request tries again; short socket timeouts bound a try.
@@ -116,18 +129,16 @@ class TenantLimiter:
             self.redis = _redis_client(uri, timeout_s)
             options = {"implementation": "redispy", "connection_pool": self.redis.connection_pool}
         self.storage = storage_from_string(async_uri(uri), wrap_exceptions=True, **options)
-        self.windows = MovingWindowRateLimiter(self.storage)
-        self.inflight: dict[str, int] = defaultdict(int)  # memory:// only
-        self.leases: dict[str, list[str]] = defaultdict(list)  # Redis: this replica's live ones
-        self.replica = uuid.uuid4().hex[:12]
-        self.numbers = itertools.count()
+        self.windows = MovingWindowRateLimiter(self.storage)  # requests
+        self.counters = SlidingWindowCounterRateLimiter(self.storage)  # tokens
+        self.inflight: LocalCount | Leases = (
+            LocalCount()
+            if self.redis is None
+            else Leases(self.redis, lease_s, skipping=self._skipping, failed=self._failed)
+        )
         self.down_since: float | None = None  # monotonic time of the outage's first failure
         self.retry_at = 0.0
-        self.renewer: asyncio.Task[None] | None = None
         self.pending: set[asyncio.Task[None]] = set()
-        if self.redis is not None:
-            self.acquire_script = self.redis.register_script(ACQUIRE)
-            self.renew_script = self.redis.register_script(RENEW)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TenantLimiter:
@@ -137,7 +148,11 @@ class TenantLimiter:
     async def acquire(self, principal: Principal) -> bool:
         """Count one request in; raise a 429 (with ``Retry-After``) when a limit is reached, or
         a 503 when the storage is down and the limiter fails closed. Returns whether
-        :meth:`release` must be called."""
+        :meth:`release` must be called.
+
+        Tokens per minute: a 429 while the tenant's weighted count (an approximation of the
+        last 60 s, see the module) is at its budget or more, ``Retry-After`` the seconds until
+        it falls below if no more tokens are recorded (at least 1)."""
         tenant = principal.tenant
         if tenant is None:
             return False
@@ -158,7 +173,9 @@ class TenantLimiter:
         limits, name = tenant.limits, tenant.name
         counted = False
         if limits.max_concurrent is not None:
-            counted = await self._count_in(name, limits.max_concurrent)
+            if not await self.inflight.take(name, limits.max_concurrent):
+                raise _busy(name, limits.max_concurrent)
+            counted = True
         try:
             await self._check_windows(tenant)
         except ApiError:
@@ -174,74 +191,48 @@ class TenantLimiter:
     async def _check_windows(self, tenant: Tenant) -> None:
         """Refuse when either window is full; else count the request in its minute (the check
         and the count are one atomic step in the library: two replicas cannot both take the
-        last request)."""
+        last request). Tokens are only read here: :meth:`add_tokens` counts them."""
         limits, name = tenant.limits, tenant.name
         rpm, tpm = limits.requests_per_minute, limits.tokens_per_minute
-        requests = _Window(rpm, namespace="loraswap/requests") if rpm is not None else None
-        tokens = _Window(tpm, namespace="loraswap/tokens") if tpm is not None else None
-        stats = await asyncio.gather(
-            *(self.windows.get_window_stats(item, name) for item in (requests, tokens) if item)
-        )
+        requests = _Window(rpm, namespace=REQUESTS) if rpm is not None else None
+        reads: list[Coroutine[Any, Any, Any]] = []
+        if requests is not None:
+            reads.append(self.windows.get_window_stats(requests, name))
+        if tpm is not None:
+            reads.append(self._tokens(name))
+        stats = await asyncio.gather(*reads)
         now = time.time()
         if requests is not None:
             reset, remaining = stats[0]
             if remaining <= 0:
                 raise _refuse(f"tenant {name!r} reached {rpm} requests per minute", reset - now)
-        if tokens is not None:
-            reset, remaining = stats[-1]
-            if remaining <= 0:
-                used = tpm - remaining
+        if tpm is not None:
+            tokens: TokenWindow = stats[-1]
+            if tokens.used >= tpm:
                 raise _refuse(
-                    f"tenant {name!r} used {used} of {tpm} tokens per minute", reset - now
+                    f"tenant {name!r} used {math.floor(tokens.used)} of {tpm} tokens per minute",
+                    tokens.below_in(tpm),
                 )
         if requests is not None and not await self.windows.hit(requests, name):
             reset, _ = await self.windows.get_window_stats(requests, name)
             raise _refuse(f"tenant {name!r} reached {rpm} requests per minute", reset - now)
 
-    async def _count_in(self, name: str, limit: int) -> bool:
-        if self.redis is None:
-            if self.inflight[name] >= limit:
-                raise _busy(name, limit)
-            self.inflight[name] += 1
-            return True
-        lease = f"{self.replica}:{next(self.numbers)}"
-        if not await self.acquire_script(
-            keys=[_inflight_key(name)], args=[limit, lease, int(self.lease_s * 1000)]
-        ):
-            raise _busy(name, limit)
-        self.leases[name].append(lease)
-        if self.renewer is None or self.renewer.done():
-            self.renewer = asyncio.get_running_loop().create_task(self._renew_forever())
-        return True
-
-    def _leave(self, name: str) -> str | None:
-        """One of the tenant's requests left, in process (which one does not matter: they are
-        alike). On Redis, the lease to remove from the storage."""
-        if self.redis is None:
-            self.inflight[name] = max(0, self.inflight[name] - 1)
-            if not self.inflight[name]:
-                del self.inflight[name]
-            return None
-        leases = self.leases.get(name)
-        if not leases:
-            return None
-        lease = leases.pop()
-        if not leases:
-            del self.leases[name]
-        return lease
+    async def _tokens(self, name: str) -> TokenWindow:
+        key = _Window(1, namespace=TOKENS).key_for(name)
+        return TokenWindow(*await self.storage.get_sliding_window(key, MINUTE))
 
     async def _drop(self, name: str, lease: str) -> None:
         if self._skipping():
             return  # not renewed any more: it expires in the storage by itself
         try:
-            await self.redis.zrem(_inflight_key(name), lease)
+            await self.inflight.drop(name, lease)
         except STORAGE_ERRORS as exc:
             self._failed(exc)
         else:
             self._recovered()
 
     async def _count_out(self, name: str) -> None:
-        lease = self._leave(name)
+        lease = self.inflight.leave(name)
         if lease is not None:
             await self._drop(name, lease)
 
@@ -256,31 +247,24 @@ class TenantLimiter:
             self._count_out_soon(principal.tenant.name)
 
     def _count_out_soon(self, name: str) -> None:
-        lease = self._leave(name)
+        lease = self.inflight.leave(name)
         if lease is not None:
             self._later(self._drop(name, lease))
 
     # ----- tokens --------------------------------------------------------------------------
     async def add_tokens(self, principal: Principal, count: int) -> None:
-        """Record a finished request's tokens in its tenant's window. Only the newest ``budget``
-        entries decide admission and its Retry-After, so at most ``budget`` are stored; the
-        recording's larger amount lets it in even when concurrent requests already filled the
-        window (a moving window refuses a hit over its amount), retried larger if needed."""
+        """Record a finished request's tokens in its tenant's window, all of them even past the
+        budget: a hit on a window no count fills (one INCRBY of this minute's counter)."""
         tenant = principal.tenant
         if tenant is None or count <= 0 or tenant.limits.tokens_per_minute is None:
             return
         if self._skipping():
             return
-        budget = tenant.limits.tokens_per_minute
-        cost = min(count, budget)
         try:
-            for factor in (2, 4, 8):
-                if await self.windows.hit(
-                    _Window(budget * factor, namespace="loraswap/tokens"), tenant.name, cost=cost
-                ):
-                    break
-            else:
-                logger.warning("tenant %r: %d tokens not counted (window full)", tenant.name, count)
+            if not await self.counters.hit(
+                _Window(UNCAPPED, namespace=TOKENS), tenant.name, cost=min(count, UNCAPPED)
+            ):
+                logger.warning("tenant %r: %d tokens not counted", tenant.name, count)
         except STORAGE_ERRORS as exc:
             self._failed(exc)
         else:
@@ -291,7 +275,7 @@ class TenantLimiter:
         if principal.tenant is not None and count > 0:
             self._later(self.add_tokens(principal, count))
 
-    # ----- outages, leases, shutdown -------------------------------------------------------
+    # ----- outages, shutdown ---------------------------------------------------------------
     def _skipping(self) -> bool:
         """In an outage and not yet time to try the storage again."""
         return self.down_since is not None and time.monotonic() < self.retry_at
@@ -327,19 +311,6 @@ class TenantLimiter:
             )
             self.down_since = None
 
-    async def _renew_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.lease_s / 3)
-            if self._skipping():
-                continue
-            try:
-                for name, leases in list(self.leases.items()):
-                    if leases:
-                        ms = int(self.lease_s * 1000)
-                        await self.renew_script(keys=[_inflight_key(name)], args=[ms, *leases])
-            except STORAGE_ERRORS as exc:
-                self._failed(exc)
-
     def _later(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run ``coro`` in a task kept until done (:meth:`close` waits for them)."""
         try:
@@ -360,23 +331,9 @@ class TenantLimiter:
         the connections. The limiter stays usable: it reconnects on its next use."""
         if self.pending:
             await asyncio.gather(*self.pending, return_exceptions=True)
-        if self.renewer is not None:
-            self.renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.renewer
-            self.renewer = None
-        if self.redis is None:
-            return
-        leases, self.leases = self.leases, defaultdict(list)
-        with contextlib.suppress(*STORAGE_ERRORS):
-            for name, mine in leases.items():
-                if mine:
-                    await self.redis.zrem(_inflight_key(name), *mine)
-        await self.redis.connection_pool.disconnect()
-
-
-def _inflight_key(name: str) -> str:
-    return f"{PREFIX}/inflight/{name}"
+        await self.inflight.close()
+        if self.redis is not None:
+            await self.redis.connection_pool.disconnect()
 
 
 def _redis_client(uri: str, timeout_s: float) -> Redis:
