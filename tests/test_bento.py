@@ -153,16 +153,175 @@ def test_builds_are_recorded_in_mlflow(built, tracking_uri):
         assert set(json.loads(row["adapters"])) >= {"uppercase", "json"}
 
 
+K8S = ROOT / "deploy" / "k8s"
+# The plugin types llm-d-router v0.10.0's EPP registers (cmd/epp/runner/runner.go, commit
+# 71f4f0999f95b96c49a9d0c4afbd18dfdb943c26): the endpoint picker of the Gateway API Inference
+# Extension moved there. A type not in its registry makes the EPP refuse its configuration.
+EPP_PLUGIN_NAMES = """
+    active-request-scorer agent-identity always-disagg-multimodal-decider always-disagg-pd-decider
+    anthropic-parser burst-prefix-cache-producer concurrency-detector context-length-aware
+    core-metrics-extractor data-parallel-profile-handler dcgm-data-source dcgm-extractor
+    decode-filter destination-endpoint-served-verifier disaggregatedset-rollout-screener
+    edf-ordering-policy encode-filter endpoint-attribute-filter endpoint-attribute-scorer
+    endpoint-notification-source fcfs-ordering-policy file-discovery global-strict-fairness-policy
+    header-based-testing-filter header-label-affinity-scorer header-profile-handler
+    k8s-notification-source kv-cache-utilization-scorer label-selector-filter latency-scorer
+    latency-slo-admitter load-aware-scorer lora-affinity-scorer max-score-picker
+    metrics-data-source mm-embeddings-cache-scorer models-data-extractor models-data-source
+    multicluster-approx-prefix-cache-producer multicluster-file-discovery
+    multicluster-kv-cache-utilization-scorer multicluster-metrics-data-source
+    multicluster-metrics-extractor multicluster-prefix-cache-scorer multicluster-queue-scorer
+    multicluster-session-affinity-filter no-hit-lru-scorer openai-parser p2p-source-producer
+    passthrough-parser precise-prefix-cache-producer precise-prefix-cache-scorer prefill-filter
+    prefix-based-pd-decider prefix-cache-affinity-filter prefix-cache-scorer
+    priority-holdback-policy priority-then-time-eviction-order-policy probabilistic-admitter
+    program-aware-fairness queue-scorer random-picker request-attribute-reporter
+    round-robin-fairness-policy running-requests-size-scorer session-affinity-filter
+    session-affinity-scorer sheddable-eviction-filter single-profile-handler
+    slo-deadline-ordering-policy slo-headroom-tier-filter soft-reflective-ceiling-policy
+    static-usage-limit-policy token-load-scorer topology-affinity-filter topology-affinity-scorer
+    topology-extractor utilization-detector utilization-filter vertexai-parser vllmgrpc-parser
+    vllmhttp-parser weighted-random-picker
+"""
+EPP_PLUGIN_TYPES = frozenset(EPP_PLUGIN_NAMES.split())
+# EndpointPickerConfig's fields (apix/config/v1alpha1, strictly decoded: others are refused) and
+# the metrics data source's parameters (pkg/epp/framework/plugins/datalayer/source/metrics).
+EPP_CONFIG_FIELDS = {"apiVersion", "kind", "featureGates", "plugins", "schedulingProfiles",
+                     "dataLayer", "flowControl", "requestHandler", "saturationDetector",
+                     "parser"}  # fmt: skip
+METRICS_SOURCE_PARAMETERS = {"scheme", "path", "port", "insecureSkipVerify", "caCertPath",
+                             "clientCertPath", "clientKeyPath", "interval"}  # fmt: skip
+
+
+def manifest_documents() -> list[dict]:
+    return [doc for path in sorted(K8S.glob("*.yaml"))
+            for doc in yaml.safe_load_all(path.read_text()) if doc]  # fmt: skip
+
+
+def crd_schemas() -> dict[tuple[str, str], dict]:
+    """(apiVersion, kind) -> the openAPIV3Schema of each CRD vendored in deploy/k8s/crds."""
+    schemas = {}
+    for path in sorted((K8S / "crds").glob("*.yaml")):
+        for crd in yaml.safe_load_all(path.read_text()):
+            group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
+            for version in crd["spec"]["versions"]:
+                schema = version["schema"]["openAPIV3Schema"]
+                schemas[(f"{group}/{version['name']}", kind)] = schema
+    return schemas
+
+
+def strict(schema: object) -> object:
+    """Unknown fields refused, as `kubectl apply --validate=strict` does for a custom resource."""
+    if isinstance(schema, list):
+        return [strict(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {key: strict(value) for key, value in schema.items()}
+    closed = not schema.get("x-kubernetes-preserve-unknown-fields")
+    if schema.get("type") == "object" and "properties" in schema and closed:
+        out.setdefault("additionalProperties", False)
+    return out
+
+
+def cel_rules(schema: dict, path: str = "") -> dict[str, list[str]]:
+    rules: dict[str, list[str]] = {}
+    for rule in schema.get("x-kubernetes-validations", []):
+        rules.setdefault(path, []).append(rule["rule"])
+    for name, sub in schema.get("properties", {}).items():
+        rules |= cel_rules(sub, f"{path}.{name}")
+    if "items" in schema:
+        rules |= cel_rules(schema["items"], f"{path}[]")
+    return rules
+
+
 def test_kubernetes_manifests_validate():
-    manifests = sorted(str(p) for p in (ROOT / "deploy" / "k8s").glob("*.yaml"))
-    assert len(manifests) >= 3
+    """Built-in kinds against Kubernetes 1.30's schemas; custom ones in the next test."""
+    manifests = sorted(str(p) for p in K8S.glob("*.yaml"))
+    assert len(manifests) >= 4
+    documents = manifest_documents()
+    custom = [d for d in documents if (d["apiVersion"], d["kind"]) in crd_schemas()]
+    assert [d["kind"] for d in custom] == ["InferencePool"]
     result = run(
         str(Path(sys.executable).with_name("kubernetes-validate")), "-k", "1.30.0", "--strict",
         *manifests,
     )  # fmt: skip
-    assert result.stdout.count("passed") + result.stderr.count("passed") == len(manifests)
-    deployment = yaml.safe_load((ROOT / "deploy" / "k8s" / "deployment.yaml").read_text())
+    output = result.stdout + result.stderr
+    assert output.count("passed for resource") == len(documents) - len(custom), output
+    assert output.count("Couldn't find schema") == len(custom), output
+    deployment = yaml.safe_load((K8S / "deployment.yaml").read_text())
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["LORASWAP_REGISTRY_URI"].startswith("s3://")
+
+
+def test_inference_pool_validates_against_the_vendored_crd():
+    import jsonschema
+
+    schemas = crd_schemas()
+    [pool] = [d for d in manifest_documents() if d["kind"] == "InferencePool"]
+    schema = schemas[(pool["apiVersion"], pool["kind"])]
+    jsonschema.Draft7Validator(strict(schema)).validate(pool)
+    # The CRD's CEL rules, which jsonschema does not run, checked here (a new one fails this).
+    assert cel_rules(schema) == {
+        ".spec.endpointPickerRef": ["self.kind != 'Service' || has(self.port)"],
+        ".spec.targetPorts": ["self.all(p1, self.exists_one(p2, p1.number==p2.number))"],
+    }
+    ref, ports = pool["spec"]["endpointPickerRef"], pool["spec"]["targetPorts"]
+    assert ref.get("kind", "Service") != "Service" or "port" in ref
+    assert len({p["number"] for p in ports}) == len(ports)
+    with pytest.raises(jsonschema.ValidationError):  # the validation does refuse a typo
+        jsonschema.Draft7Validator(strict(schema)).validate(
+            {**pool, "spec": {**pool["spec"], "targetPort": ports}}
+        )
+
+
+def test_inference_pool_selects_the_serving_pods_and_its_picker():
+    documents = manifest_documents()
+    by_kind_name = {(d["kind"], d["metadata"]["name"]): d for d in documents}
+    pool = by_kind_name[("InferencePool", "loraswap")]["spec"]
+    pod = by_kind_name[("Deployment", "loraswap")]["spec"]["template"]
+    assert pool["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    ports = {p["containerPort"] for c in pod["spec"]["containers"] for p in c["ports"]}
+    assert [p["number"] for p in pool["targetPorts"]] == [3000] and 3000 in ports
+    epp_service = by_kind_name[("Service", pool["endpointPickerRef"]["name"])]["spec"]
+    assert pool["endpointPickerRef"]["port"]["number"] in {p["port"] for p in epp_service["ports"]}
+    epp = by_kind_name[("Deployment", "loraswap-epp")]["spec"]
+    assert epp_service["selector"].items() <= epp["template"]["metadata"]["labels"].items()
+    [container] = epp["template"]["spec"]["containers"]
+    args = dict(a.removeprefix("--").split("=", 1) for a in container["args"])
+    assert args["pool-name"] == "loraswap" and args["pool-group"] == "inference.networking.k8s.io"
+    [volume] = epp["template"]["spec"]["volumes"]
+    config_map = by_kind_name[("ConfigMap", volume["configMap"]["name"])]
+    [mount] = container["volumeMounts"]
+    assert args["config-file"].removeprefix(mount["mountPath"] + "/") in config_map["data"]
+
+
+def test_endpoint_picker_config_is_what_the_epp_accepts():
+    """Fields, plugin types and references as llm-d-router v0.10.0 reads them."""
+    config_map = next(d for d in manifest_documents() if d["metadata"]["name"] == "loraswap-epp"
+                      and d["kind"] == "ConfigMap")  # fmt: skip
+    [text] = config_map["data"].values()
+    config = yaml.safe_load(text)
+    assert (config["apiVersion"], config["kind"]) == ("llm-d.ai/v1alpha1", "EndpointPickerConfig")
+    assert set(config) <= EPP_CONFIG_FIELDS
+    names = {}
+    for plugin in config["plugins"]:
+        assert set(plugin) <= {"name", "type", "parameters"}, plugin
+        assert plugin["type"] in EPP_PLUGIN_TYPES, plugin["type"]
+        names[plugin.get("name", plugin["type"])] = plugin["type"]
+        if plugin["type"] == "metrics-data-source":
+            params = plugin["parameters"]
+            assert set(params) <= METRICS_SOURCE_PARAMETERS
+            assert params["path"] == "/metrics" and re.fullmatch(r"\d+(ms|s)", params["interval"])
+        else:
+            assert "parameters" not in plugin  # each plugin's own fields are strictly decoded too
+    assert {"lora-affinity-scorer", "queue-scorer", "kv-cache-utilization-scorer",
+            "max-score-picker"} <= set(names.values())  # fmt: skip
+    [profile] = config["schedulingProfiles"]
+    assert set(profile) == {"name", "plugins"}
+    for ref in profile["plugins"]:
+        assert set(ref) <= {"pluginRef", "weight"} and ref["pluginRef"] in names
+    [source] = config["dataLayer"]["sources"]
+    assert set(source) == {"pluginRef", "extractors"} and source["pluginRef"] in names
+    assert all(set(e) == {"pluginRef"} and e["pluginRef"] in names for e in source["extractors"])

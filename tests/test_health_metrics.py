@@ -36,3 +36,66 @@ def test_log_has_one_line_per_event_and_a_ready_banner(server):
     assert f"at http://localhost:{server.port}" in log and "try: curl" in log
     access = [m for m in messages if "path=/generate," in m]
     assert len(access) >= 10 and all("trace=" in m for m in access)
+
+
+def router_series(text: str) -> tuple[list, list]:
+    """``vllm:lora_requests_info`` and ``vllm:lora_adapter_loaded`` samples of a scrape."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = {f.name: f.samples for f in text_string_to_metric_families(text)}
+    return samples.get("vllm:lora_requests_info", []), samples.get("vllm:lora_adapter_loaded", [])
+
+
+def test_a_lora_aware_router_finds_the_adapter_by_the_name_requests_use(server, client):
+    """What llm-d's endpoint picker reads from /metrics on the serving port: the adapters a
+    replica runs (the series with the newest timestamp wins), matched against the request's
+    ``model`` (here the alias ``uppercase``), and the ones it has loaded; GET /health too."""
+    import threading
+    import time
+
+    assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
+    done = threading.Event()
+
+    def stream() -> None:
+        try:
+            chunks = client.completions.create(
+                model="uppercase", prompt="Tell me a story", max_tokens=64, stream=True,
+                extra_body={"ignore_eos": True},
+            )  # fmt: skip
+            for _ in chunks:
+                pass
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=stream, daemon=True)
+    thread.start()
+    seen: list[dict] = []
+    deadline = time.monotonic() + 120
+    while not seen and time.monotonic() < deadline:
+        started = time.monotonic()
+        text = httpx.get(f"{server.url}/metrics", timeout=30).text
+        scrape_s = time.monotonic() - started
+        info, _ = router_series(text)
+        if info:
+            latest = max(info, key=lambda s: s.value).labels
+            names = latest["running_lora_adapters"].split(",")
+            names += latest["waiting_lora_adapters"].split(",")
+            if "uppercase" in names:
+                seen.append(latest)
+        if done.is_set() and not seen:
+            break
+        time.sleep(0.1)
+    thread.join(timeout=120)
+    assert seen, f"no scrape named uppercase: {info}"
+    assert {"uppercase", "uppercase@v1"} <= set(",".join(seen[0].values()).split(","))
+    text = httpx.get(f"{server.url}/metrics", timeout=30).text
+    _, loaded = router_series(text)
+    by_name = {s.labels["adapter_name"]: s for s in loaded}
+    assert by_name["uppercase"].value == 1 and by_name["uppercase@v1"].value == 1
+    assert by_name["uppercase"].labels["level"] in ("gpu", "cpu")
+    for series in ("vllm:num_requests_waiting", "vllm:num_requests_running",
+                   "vllm:kv_cache_usage_perc"):  # fmt: skip
+        assert f"{series}{{" in text
+    lines = [x for x in text.splitlines() if x.startswith(("vllm:lora_", "vllm:num_requests_"))]
+    print(f"scrape took {scrape_s:.3f}s; seen during the stream: {seen[0]}", *lines, sep="\n")
+    assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200

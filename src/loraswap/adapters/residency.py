@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from .. import metrics, vllm_compat
+from .. import metrics, router_metrics, vllm_compat
 from ..errors import ApiError
 from .keys import AdapterKey
 
@@ -120,6 +120,7 @@ class Residency:
         self.servable: dict[AdapterKey, Resident] = {}
         self.lru: OrderedDict[AdapterKey, None] = OrderedDict()
         self.broken: dict[AdapterKey, str] = {}
+        router_metrics.watch(self)  # what a LoRA-aware router reads of this residency
 
     # ----- what can be served --------------------------------------------------------------
     def expose(self, key: AdapterKey, lora_int_id: int, path: Path) -> None:
@@ -274,6 +275,7 @@ class Residency:
                 await self.engine.pin(key)
             except Exception as again:
                 raise ApiError(503, f"adapter {str(key)!r} could not be pinned: {again}") from again
+        router_metrics.refresh()
 
     # ----- observation ---------------------------------------------------------------------
     def record(self, key: AdapterKey, ok: bool) -> None:

@@ -13,6 +13,11 @@ When both are on the kernels win; ``LORASWAP_PATCH_LORA_OPS=0`` (the older switc
 off. A patch lists the vLLM versions it was written for (``WRITTEN_FOR``) and refuses, with one
 warning, to touch any other version: vLLM's ops may have changed under it. Importing this
 package imports neither torch nor vLLM; :func:`apply` does.
+
+A third patch, ``LORASWAP_ROUTER_LORA_NAMES`` (:mod:`.lora_metric_names`: adapters in
+``vllm:lora_requests_info`` under the names requests use), is not a general plugin's: only the
+API process has the adapter registry, so :mod:`loraswap.router_metrics` installs it there, with
+the same switch convention and version guard (:func:`supported`).
 """
 
 from __future__ import annotations
