@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.fleet import Balancer, Replica, start_all  # noqa: E402
+from tests.fleet import Balancer, Replica, core_of, start_all  # noqa: E402
 from tests.postgres_server import postgres  # noqa: E402
 from tests.redis_server import RedisServer  # noqa: E402
 
@@ -53,7 +53,7 @@ def main() -> int:
             "LORASWAP_TENANTS_URI": str(shared / "tenants.json"),
             "LORASWAP_ADAPTER_ROOTS": json.dumps([str(ROOT / "adapters")]),
         }
-        replicas = [Replica(work / f"replica-{i}", env) for i in range(ns.replicas)]
+        replicas = [Replica(work / f"replica-{i}", env | core_of(i)) for i in range(ns.replicas)]
         print(f"starting {ns.replicas} replicas (logs: {work}/replica-*/serve.log)", flush=True)
         start_all(replicas)
         for replica in replicas:

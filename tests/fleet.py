@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -132,6 +133,13 @@ def shared_env(db_url: str, redis_url: str, s3: dict, prefix: str, **extra: str)
         "LORASWAP_FSSPEC_STORAGE_OPTIONS": json.dumps(s3["options"]),
         **extra,
     }
+
+
+def core_of(index: int) -> dict[str, str]:
+    """Each replica's engine on its own core where there are enough: engines sharing cores spin
+    their OpenMP threads against each other and slow down many times over."""
+    cores = sorted(os.sched_getaffinity(0))
+    return {"LORASWAP_CPU_THREADS_BIND": str(cores[index % len(cores)])}
 
 
 def start_all(replicas: list[Replica]) -> None:
