@@ -51,12 +51,13 @@ fleet: model servers
 
 # Real servers the tests start on loopback (Redis for fleet-wide limits, haproxy in front of the
 # fleet test's replicas, PostgreSQL for shared state): Debian's packages where missing.
-SERVER_PROGRAMS := redis-server haproxy initdb
+SERVER_PACKAGES := redis-server:redis-server haproxy:haproxy initdb:postgresql
 servers:
-	@missing=""; for p in $(SERVER_PROGRAMS); do command -v $$p >/dev/null || \
-		ls /usr/lib/postgresql/*/bin/$$p >/dev/null 2>&1 || missing=1; done; \
+	@missing=""; for pair in $(SERVER_PACKAGES); do prog=$${pair%%:*}; pkg=$${pair##*:}; \
+		command -v $$prog >/dev/null || ls /usr/lib/postgresql/*/bin/$$prog >/dev/null 2>&1 || \
+		missing="$$missing $$pkg"; done; \
 	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-		apt-get install -y -qq redis-server haproxy postgresql; fi
+		apt-get install -y -qq $$missing; fi
 
 # Debian's Chromium, which tests/test_console.py drives with Playwright (no browser download).
 $(CHROMIUM):

@@ -22,7 +22,7 @@ from tests.fleet import Balancer, Replica, core_of, shared_env, start_all
 from tests.postgres_server import new_database
 from tests.redis_server import redis_server_fixture  # noqa: F401  (the fixture)
 
-pytestmark = pytest.mark.engine
+pytestmark = [pytest.mark.engine, pytest.mark.timeout(2400)]  # two engine starts in setup
 ROOT_KEY = "fleet-root-key"
 LEASE_S = 6
 
