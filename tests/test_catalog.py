@@ -1,4 +1,5 @@
-"""The adapter catalog without an engine: versions, aliases, canary draws, persistence, merges."""
+"""The adapter catalog without an engine: versions, aliases, canary draws, and its JSON document
+form (`registry_document`; rows: test_catalog_rows.py): persistence, merges, compare-and-swap."""
 
 from __future__ import annotations
 

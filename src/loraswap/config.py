@@ -195,8 +195,19 @@ class Settings(BaseSettings):
     registry_uri: str = Field(
         ".loraswap/registry.json",
         description=(
-            "Where the adapter registry (versions, aliases, pins) persists: a local path or an "
-            "fsspec URL (`s3://bucket/loraswap/registry.json`) shared by replicas."
+            "A registry document (JSON: a local path or an fsspec URL). The adapter registry "
+            "(versions, aliases, pins) lives in the database (`database_url`); a document "
+            "found here at start (where loraswap 0.1.0 kept it) is imported once into an empty "
+            "registry, and a local file renamed `*.imported`. With `registry_document` the "
+            "document is the registry itself."
+        ),
+    )
+    registry_document: bool = Field(
+        False,
+        description=(
+            "Keep the adapter registry in the document at `registry_uri` instead of the "
+            "database, as 0.1.0 did: for a registry kept in git and shipped with the image. "
+            "Every change rewrites the whole document, so many adapters register slowly."
         ),
     )
     registry_poll_s: float = Field(

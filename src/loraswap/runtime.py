@@ -83,7 +83,7 @@ async def build_runtime(app: Any, settings: Settings, engine: Engine) -> Runtime
         host = engine.choices.get("adapter_host_bytes")
         registry = AdapterRegistry(
             settings, shapes, slots, AuditLog(storage.db),
-            host_bytes=host.value if host else None,
+            host_bytes=host.value if host else None, db=storage.db,
         )  # fmt: skip
         await registry.restore()
         if settings.preload_adapters and settings.adapter_roots:

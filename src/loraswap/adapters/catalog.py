@@ -1,10 +1,10 @@
 """The adapter catalog: records of adapters, versions, aliases and pins; their persistence; and
 how an OpenAI ``model`` value resolves to one version.
 
-The persisted document (JSON at ``registry_uri``, local or any fsspec URL) is the truth shared by
-replicas. Changes go through :meth:`Catalog.commit`: a compare-and-swap on the document's
-``revision``, retried on the newer document, so a change made by another replica at the same
-moment is never overwritten.
+Persisted as rows in the database by default (:mod:`.catalog_rows`). This module keeps the older
+form, one JSON document at ``registry_uri`` (``registry_document``): there changes go through
+:meth:`Catalog.commit`, a compare-and-swap on the document's ``revision``, retried on the newer
+document, so a change made by another replica at the same moment is never overwritten.
 """
 
 from __future__ import annotations
@@ -71,6 +71,9 @@ class CatalogState(BaseModel):
     revision: int = 0
     next_lora_id: int = 1
     adapters: dict[str, AdapterRecord] = Field(default_factory=dict)
+    # Not stored: the names that differ from the state this one was derived from, so a replica
+    # adopts only those; None when unknown (a whole document read): compare everything.
+    changed: set[str] | None = Field(None, exclude=True)
 
     def versions(self) -> Iterator[tuple[AdapterRecord, VersionRecord]]:
         for record in self.adapters.values():
@@ -79,6 +82,21 @@ class CatalogState(BaseModel):
 
     def pinned_keys(self) -> set[AdapterKey]:
         return {r.alias_key for r in self.adapters.values() if r.pinned}
+
+
+def adoption(
+    old: CatalogState, new: CatalogState
+) -> tuple[list[AdapterRecord], dict[AdapterKey, VersionRecord], list[AdapterKey] | None]:
+    """What serving ``new`` instead of ``old`` involves: the adapters to look at, the versions
+    they have, and the versions ``old`` had of them (None when ``new`` does not say what
+    changed: then everything is looked at, and anything served but not wanted goes)."""
+    if new.changed is None:
+        records = list(new.adapters.values())
+        return records, {rec.key(v.version): v for rec, v in new.versions()}, None
+    records = [new.adapters[n] for n in new.changed if n in new.adapters]
+    wanted = {rec.key(v): ver for rec in records for v, ver in rec.versions.items()}
+    before = [old.adapters[n] for n in new.changed if n in old.adapters]
+    return records, wanted, [rec.key(v) for rec in before for v in rec.versions]
 
 
 class CatalogStore(DocumentStore[CatalogState]):
@@ -100,6 +118,7 @@ class Catalog:
         self.base_name = base_name
         self.draw = draw  # the canary draw, replaceable in tests
         self.state = CatalogState()
+        self._pins: tuple[CatalogState | None, set[AdapterKey]] = (None, set())
 
     # ----- lookups -------------------------------------------------------------------------
     def record(self, name: str) -> AdapterRecord:
@@ -145,7 +164,11 @@ class Catalog:
         return None
 
     def pinned_keys(self) -> set[AdapterKey]:
-        return self.state.pinned_keys()
+        """Asked per request and per version described: computed once per state (a state is
+        replaced by the next, never changed, once it is the current one). Do not modify."""
+        if self._pins[0] is not self.state:
+            self._pins = (self.state, self.state.pinned_keys())
+        return self._pins[1]
 
     def model_ids(self) -> list[tuple[str, AdapterKey]]:
         """(OpenAI model id, version it serves) for every alias and every version."""
@@ -156,8 +179,16 @@ class Catalog:
         return ids
 
     # ----- persistence ---------------------------------------------------------------------
+    async def prepare(self) -> None:
+        """Before the first fetch (the row catalogue imports an old document here)."""
+
     async def fetch(self) -> CatalogState:
         return await asyncio.to_thread(self.store.load)
+
+    async def changes(self) -> CatalogState | None:
+        """The newer state if another replica changed the catalog since ours; else None."""
+        state = await self.fetch()
+        return None if state.revision == self.state.revision else state
 
     async def commit(
         self,

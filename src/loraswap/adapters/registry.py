@@ -16,8 +16,10 @@ from typing import Any
 from ..audit import AuditLog
 from ..config import Settings
 from ..errors import ApiError
+from ..storage import Database
 from . import sizing
-from .catalog import AdapterRecord, AliasRecord, Catalog, CatalogState, CatalogStore, VersionRecord
+from .catalog import AdapterRecord, AliasRecord, CatalogState, VersionRecord, adoption
+from .catalog_rows import open_catalog
 from .keys import AdapterKey
 from .residency import AdapterEngine, Residency
 from .slots import SlotGate
@@ -37,14 +39,13 @@ class AdapterRegistry:
         engine: AdapterEngine,
         audit: AuditLog | None = None,
         host_bytes: int | None = None,
+        db: Database | None = None,
     ) -> None:
         self.settings = settings
         self.audit = audit
         self.base_name = settings.served_model_name
         self.shapes = shapes
-        self.catalog = Catalog(
-            CatalogStore(settings.registry_uri, settings.fsspec_storage_options), self.base_name
-        )
+        self.catalog = open_catalog(settings, self.base_name, db)
         self.residency = Residency(
             engine,
             settings.max_cpu_loras or sizing.HOST_COUNT_CAP,
@@ -95,6 +96,7 @@ class AdapterRegistry:
     # ----- persistence and replicas --------------------------------------------------------
     async def restore(self) -> None:
         """Load the persisted catalog and expose every valid version (pinned ones loaded)."""
+        await self.catalog.prepare()
         state = await self.catalog.fetch()
         async with self._lock:
             await self._adopt(state)
@@ -126,20 +128,21 @@ class AdapterRegistry:
         while True:
             await asyncio.sleep(self.settings.registry_poll_s)
             try:
-                state = await self.catalog.fetch()
-                if state.revision != self.catalog.state.revision:
-                    async with self._lock:
+                async with self._lock:  # a commit in between would make this state stale
+                    state = await self.catalog.changes()
+                    if state is not None:
                         await self._adopt(state)
-                    logger.info("registry changed elsewhere: now at revision %d", state.revision)
+                        logger.info("registry changed elsewhere: at revision %d", state.revision)
             except Exception as exc:
                 logger.error("registry sync failed: %s", exc)
 
     async def _adopt(self, state: CatalogState) -> None:
-        """Make this replica serve ``state``: expose new versions, drop removed ones."""
-        wanted = {rec.key(ver.version): ver for rec, ver in state.versions()}
-        for key in list(self.residency.servable):
-            if key not in wanted:
-                await self.residency.forget(key)
+        """Make this replica serve ``state``: expose new versions, drop removed ones (of the
+        adapters it says changed, when it says: walking all of them each change is O(n))."""
+        records, wanted, before = adoption(self.catalog.state, state)
+        served = self.residency.servable
+        for key in [k for k in (served if before is None else before) if k not in wanted]:
+            await self.residency.forget(key)
         self.catalog.state = state
         for key, ver in wanted.items():
             if self.residency.is_servable(key):
@@ -151,7 +154,7 @@ class AdapterRegistry:
                 logger.error("adapter %s cannot be served: %s", key, exc)
                 continue
             self.residency.expose(key, ver.lora_int_id, path)
-        for key in state.pinned_keys():
+        for key in {rec.alias_key for rec in records if rec.pinned}:
             with contextlib.suppress(ApiError):
                 await self.residency.pin(key)
 

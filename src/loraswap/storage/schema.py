@@ -105,3 +105,23 @@ comparisons = Table(
     Index("comparisons_pair", "adapter", "primary_version", "shadow_version", "id"),
     Index("comparisons_created", "created"),
 )
+
+# The adapter catalogue: one row per adapter name, stamped with the catalogue revision of its
+# last change, so a replica reads only the rows changed since its own revision.
+catalog_meta = Table(
+    "catalog_meta",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),  # one row: id 1
+    Column("revision", BigInteger, nullable=False),  # bumped by every change, under this row's lock
+    Column("next_lora_id", BigInteger, nullable=False),
+)
+
+adapters = Table(
+    "adapters",
+    metadata,
+    Column("name", String(255), primary_key=True),
+    Column("record", Text, nullable=False),  # the AdapterRecord as JSON (the last one, if deleted)
+    Column("revision", BigInteger, nullable=False),
+    Column("deleted", Boolean, nullable=False),  # a tombstone, so other replicas see the delete
+    Index("adapters_revision", "revision"),
+)
