@@ -12,7 +12,7 @@ from loraswap.adapters.keys import AdapterKey
 from loraswap.adapters.slots import SlotGate
 from loraswap.config import Settings
 from loraswap.errors import ApiError
-from loraswap.pipeline import PipelineMiddleware, RequestPipeline
+from loraswap.pipeline import PipelineMiddleware, RequestPipeline, check_input
 from loraswap.routes import BATCH_ENDPOINTS, INFERENCE_ROUTES
 
 KEY = AdapterKey("sql", "v2")
@@ -227,7 +227,7 @@ def test_responses_message_without_content_is_400():
 def test_responses_inputs_vllm_would_answer_with_a_500_are_400(item):
     """Found by fuzzing: vLLM 0.32 fails these with a 500 (an IndexError, an assert)."""
     with pytest.raises(ApiError) as refused:
-        RequestPipeline.check_input(INFERENCE_ROUTES["/v1/responses"], {"input": [item]})
+        check_input(INFERENCE_ROUTES["/v1/responses"], {"input": [item]})
     assert refused.value.status == 400 and refused.value.param == "input"
 
 
@@ -235,10 +235,10 @@ def test_text_tool_outputs_and_plain_messages_pass_the_responses_check():
     echoed = {"type": "message", "role": "assistant", "id": "", "status": "completed",
               "content": [{"type": "refusal", "refusal": ""}]}  # fmt: skip
     body = {"input": [echoed]}
-    RequestPipeline.check_input(INFERENCE_ROUTES["/v1/responses"], body)
+    check_input(INFERENCE_ROUTES["/v1/responses"], body)
     assert "id" not in body["input"][0] and "status" not in body["input"][0]
     assert body["input"][0]["content"] == [{"type": "output_text", "text": ""}]
-    RequestPipeline.check_input(INFERENCE_ROUTES["/v1/responses"], {"input": [
+    check_input(INFERENCE_ROUTES["/v1/responses"], {"input": [
         {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]},
         {"type": "function_call_output", "call_id": "c", "output": "18 C"},
         {"type": "function_call_output", "call_id": "c",

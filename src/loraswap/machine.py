@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .adapters import sizing
+from .choice import Choice
+
 if TYPE_CHECKING:
     from .config import Settings
 
@@ -77,13 +80,6 @@ def read_cpu(cpuinfo: Path = Path("/proc/cpuinfo")) -> CpuCaps:
             flags = frozenset(value.split())
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return CpuCaps(model=model, arch=platform.machine().lower(), cores=cores or 1, flags=flags)
-
-
-@dataclass(frozen=True)
-class Choice:
-    value: Any
-    source: str  # "auto", "env", "default"...
-    reason: str
 
 
 # vLLM's CPU kernels in bf16 are not batch-invariant: greedy outputs change with what shares
@@ -187,7 +183,6 @@ def engine_choices(
 ) -> dict[str, Choice]:
     """Every engine setting that ``auto`` resolves on this machine, with why. Adapter memory
     is sized from the base model's shapes when ``model_path`` holds its weights."""
-    from .adapters import sizing
     from .adapters.validation import BaseModelShapes
     from .chat_templates import chat_template_choice, tool_parser_choice
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import Counter, Gauge, Histogram
 
 if TYPE_CHECKING:
-    from .pipeline import EngineRun
+    from .engine_runs import EngineRun
 
 LABELS = ("adapter", "version")
 

@@ -13,7 +13,7 @@ from . import metrics
 from .config import Settings
 from .errors import ApiError
 from .machine import Choice
-from .pipeline import RequestPipeline, VllmHandlers
+from .pipeline import RequestPipeline, VllmHandlers, guard_engine
 
 if TYPE_CHECKING:
     from vllm.engine.protocol import EngineClient
@@ -66,10 +66,9 @@ async def build_runtime(app: Any, settings: Settings, engine: Engine) -> Runtime
     quiet_vllm_client_errors()
     metrics.labels_of.limit = settings.metrics_adapter_series
     client = engine.client
-    pipeline = RequestPipeline(settings, tenancy=app.state.tenancy)
-    pipeline.guard_engine(client)
+    guard_engine(client, settings, app.state.tenancy)  # before vLLM's serving layer gets it
     handlers = await attach_engine(app, client, engine.args)
-    pipeline.handlers = handlers
+    pipeline = RequestPipeline(settings, handlers=handlers, tenancy=app.state.tenancy)
     runtime = Runtime(
         settings, client, handlers, pipeline, choices=engine.choices, cpu_build=is_cpu_build(),
         model_path=engine.model_path,

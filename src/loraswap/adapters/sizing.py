@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..choice import Choice
+
 if TYPE_CHECKING:
     from ..config import Settings
-    from ..machine import Choice
     from .validation import BaseModelShapes
 
 GIB = 2**30
@@ -96,8 +97,6 @@ def choices(
 ) -> dict[str, Choice]:
     """``max_loras``, ``max_cpu_loras`` and ``adapter_host_bytes``, each with why; ``cpu_ops``:
     the CPU LoRA ops run, and their copies count per slot."""
-    from ..machine import Choice
-
     if shapes is None:  # no base model weights here (offline ``loraswap info``, a stand-in)
         why = "the base model's weights are not here; sized from adapter_memory_gib at start"
         return {

@@ -18,17 +18,17 @@ import copy
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .. import metrics
 from ..adapters.keys import AdapterKey
+from ..engine_runs import CAPTURE, SOURCE, EngineRun
 from ..errors import ApiError
-from ..pipeline import CAPTURE, SOURCE, EngineRun
 from ..tenants import CURRENT, Principal
 from .store import Comparison, ComparisonStore
 
 if TYPE_CHECKING:
-    from ..pipeline import RequestPipeline
+    from ..adapters.resolver import AdapterResolver
 
 logger = logging.getLogger(__name__)
 SHADOWED_ROUTES = ("/v1/chat/completions", "/v1/completions")
@@ -36,6 +36,16 @@ PROMPT_CHARS = 4000
 MAX_TRIES = 3  # starts of one shadow job, each aborted by client traffic, before it is dropped
 IDLE_POLL_S = 0.02
 IDLE_GRACE_S = 0.2
+
+
+class ShadowHost(Protocol):
+    """What shadow runs need of :class:`~loraswap.pipeline.RequestPipeline` (which queues
+    them, so this module does not import it)."""
+
+    interactive: int  # client requests in flight: shadows wait for none
+    registry: AdapterResolver | None  # set wherever shadows run (adapters on)
+
+    async def call_vllm(self, path: str, body: dict[str, Any], raw: Any) -> Any: ...
 
 
 @dataclass
@@ -82,7 +92,7 @@ def prompt_text(body: dict[str, Any]) -> str:
 
 class ShadowRunner:
     def __init__(
-        self, pipeline: RequestPipeline, store: ComparisonStore, concurrency: int, queue_size: int
+        self, pipeline: ShadowHost, store: ComparisonStore, concurrency: int, queue_size: int
     ) -> None:
         self.pipeline = pipeline
         self.store = store
