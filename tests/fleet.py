@@ -95,6 +95,8 @@ class Replica(Server):
         env = {"LORASWAP_BASE_MODEL": base_model_dir(), **env,
                "BENTOML_HOME": str(replica_home(workdir)),
                "LORASWAP_STATE_DIR": str(workdir / "state"),
+               # where 0.1.0 kept a registry document to import: none here (not the project's)
+               "LORASWAP_REGISTRY_URI": str(workdir / "state" / "registry.json"),
                "LORASWAP_ADAPTER_CACHE_DIR": str(workdir / "cache")}  # fmt: skip
         super().__init__(workdir / "serve.log", env=env, cwd=ROOT)
         if port is not None:
@@ -122,13 +124,13 @@ class Replica(Server):
 
 
 def shared_env(db_url: str, redis_url: str, s3: dict, prefix: str, **extra: str) -> dict[str, str]:
-    """What every replica shares: the database, the limits store, S3 for bytes and documents."""
+    """What every replica shares: the database (jobs, files, usage, audit, the adapter
+    catalogue), the limits store, S3 for file bytes and the tenants document."""
     bucket = f"s3://{s3['bucket']}/{prefix}"
     return {
         "LORASWAP_DATABASE_URL": db_url,
         "LORASWAP_LIMITS_URI": redis_url,
         "LORASWAP_FILES_URI": f"{bucket}/files",
-        "LORASWAP_REGISTRY_URI": f"{bucket}/registry.json",
         "LORASWAP_TENANTS_URI": f"{bucket}/tenants.json",
         "LORASWAP_FSSPEC_STORAGE_OPTIONS": json.dumps(s3["options"]),
         **extra,
