@@ -9,7 +9,9 @@ does (no vLLM: what is timed is validation, the catalog and the audit log). Stor
 ``document``, the JSON document of 0.1.0 (``LORASWAP_REGISTRY_DOCUMENT``); ``sqlite``, the
 embedded database; ``postgresql``, a throwaway local cluster (``tests.postgres_server``, fsync
 off, so commits cost less than on a durable server). Then times the poll of a second replica
-adopting them all. Writes benchmarks/results/registration-<time>.json with the CPU kind.
+adopting them all. Writes benchmarks/results/registration-<time>.json with the CPU kind and
+the load average before and after each store's run (other work on the machine skews the
+wall time; ``cpu_seconds`` is this process's own, without PostgreSQL's server processes).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
+import os
 import sys
 import tempfile
 import time
@@ -85,13 +88,14 @@ async def measure(store: str, root: Path, names: list[str], shapes: BaseModelSha
         )
         await first.restore()
         await second.restore()
-        started = time.monotonic()
+        load, started = os.getloadavg()[0], time.monotonic()  # other work on the machine skews
+        cpu = time.process_time()  # this process's CPU (all threads): less skewed by other work
         marks = {}
         for i, name in enumerate(names, 1):
             await first.register(name, str(root / name))
             if i % max(1, len(names) // 4) == 0:
                 marks[i] = round(time.monotonic() - started, 2)
-        seconds = time.monotonic() - started
+        seconds, cpu = time.monotonic() - started, time.process_time() - cpu
         polled = time.monotonic()
         async with second._lock:
             state = await second.catalog.changes()
@@ -102,7 +106,8 @@ async def measure(store: str, root: Path, names: list[str], shapes: BaseModelSha
         await first.close()
         for db in {audit_db, *dbs} - {None}:
             db.close()
-    result = {"seconds": round(seconds, 2),
+    result = {"seconds": round(seconds, 2), "cpu_seconds": round(cpu, 2),
+              "load_average_1m": [round(load, 2), round(os.getloadavg()[0], 2)],
               "per_registration_ms": round(1000 * seconds / len(names), 2),
               "elapsed_at": marks, "second_replica_poll_s": round(poll_s, 2)}  # fmt: skip
     print(f"{store}: {json.dumps(result)}", file=sys.stderr)

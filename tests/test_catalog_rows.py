@@ -134,6 +134,27 @@ def test_a_change_writes_only_the_adapters_it_changed(db_url: str) -> None:
     assert cat.rows.load().model_dump() == cat.state.model_dump()
 
 
+def test_pins_follow_each_change(db_url: str) -> None:
+    cat = replica(db_url)
+
+    def pin(name: str, pinned: bool = True):
+        async def change(state: CatalogState) -> None:
+            state.adapters[name].pinned = pinned
+
+        return change
+
+    async def scenario() -> None:
+        for change in (adder("a"), adder("b"), pin("a"), pin("b")):
+            await cat.commit(change, adopter(cat, []))
+        assert cat.pinned_keys() == {AdapterKey("a", "v1"), AdapterKey("b", "v1")}
+        await cat.commit(pin("a", False), adopter(cat, []))
+        assert cat.pinned_keys() == {AdapterKey("b", "v1")}
+        await cat.commit(deleter("b"), adopter(cat, []))
+        assert cat.pinned_keys() == set() == cat.state.pinned_keys()
+
+    asyncio.run(scenario())
+
+
 def test_a_failed_change_leaves_the_served_state_and_the_rows_alone(db_url: str) -> None:
     cat = replica(db_url)
 

@@ -170,6 +170,13 @@ class Catalog:
             self._pins = (self.state, self.state.pinned_keys())
         return self._pins[1]
 
+    def carry_pins(self, old: CatalogState, new: CatalogState) -> None:
+        """Derive ``new``'s pins from ``old``'s over the names that changed (not all again)."""
+        if self._pins[0] is old and new.changed is not None:
+            pins = {k for k in self._pins[1] if k.name not in new.changed}
+            records = (new.adapters.get(name) for name in new.changed)
+            self._pins = (new, pins | {r.alias_key for r in records if r and r.pinned})
+
     def model_ids(self) -> list[tuple[str, AdapterKey]]:
         """(OpenAI model id, version it serves) for every alias and every version."""
         ids = []

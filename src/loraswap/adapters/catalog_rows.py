@@ -291,6 +291,7 @@ class RowCatalog(Catalog):
             return asyncio.run_coroutine_threadsafe(mutate(state), loop).result(MUTATE_TIMEOUT_S)
 
         state, result, pulled = await asyncio.to_thread(self.rows.commit, self.state, apply)
+        self.carry_pins(self.state, state)
         if pulled:
             await on_newer(state)
         self.state = state
