@@ -155,12 +155,18 @@ def start_all(replicas: list[Replica]) -> None:
         except BaseException as exc:
             errors.append(exc)
 
-    run(replicas[0])
-    threads = [threading.Thread(target=run, args=(r,)) for r in replicas[1:]] if not errors else []
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    try:
+        run(replicas[0])
+        threads = [threading.Thread(target=run, args=(r,)) for r in replicas[1:]]
+        threads = threads if not errors else []
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    except BaseException:  # a test timeout or Ctrl-C while starting: leave nothing running
+        for replica in replicas:
+            replica.stop()
+        raise
     if errors:
         for replica in replicas:
             replica.stop()

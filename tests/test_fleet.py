@@ -41,14 +41,17 @@ def fleet(tmp_path_factory, postgres_url, redis_server, s3, adapter_root):
         LORASWAP_LIMITS_FAIL_OPEN="false",
     )  # fmt: skip
     replicas = [Replica(work / name, env | core_of(i)) for i, name in enumerate(("a", "b"))]
-    start_all(replicas)
-    balancer = Balancer(work, [r.port for r in replicas]).start()
+    balancer = Balancer(work, [r.port for r in replicas])
     state = {"replicas": replicas, "balancer": balancer, "db_url": db_url, "work": work}
-    yield state
-    balancer.stop()
     left = []
-    for replica in state["replicas"]:
-        left += replica.stop()
+    try:
+        start_all(replicas)
+        balancer.start()
+        yield state
+    finally:  # whatever failed, nothing is left running
+        balancer.stop()
+        for replica in state["replicas"]:
+            left += replica.stop()
     assert not left, f"processes left: {[p.pid for p in left]}"
 
 
