@@ -86,7 +86,11 @@ def adapter_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def server_env(adapter_root: Path, state_dir: Path, s3: dict, **extra: str) -> dict[str, str]:
+    """A test server's settings. Four engine slots unless a test asks otherwise: the slot count
+    is part of vLLM's compile key, so every server with the default model shares one compile
+    (a fresh machine compiles once, ~3 min, instead of once per slot count)."""
     return {
+        "LORASWAP_MAX_LORAS": "4",
         "LORASWAP_ADAPTER_ROOTS": json.dumps([str(SHIPPED), str(adapter_root)]),
         "LORASWAP_REGISTRY_URI": str(state_dir / "registry.json"),
         "LORASWAP_ADAPTER_CACHE_DIR": str(state_dir / "cache"),
@@ -103,7 +107,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, adapter_root: Path, s3: dic
     # Few engine slots, so the adapter tests reuse slots (where the vLLM CPU index bug showed)
     # and pins meet the slot limit; a count-bounded host tier (the default is bounded in bytes,
     # see test_residency), so the LRU test evicts.
-    env = server_env(adapter_root, state, s3, LORASWAP_MAX_LORAS="4", LORASWAP_MAX_CPU_LORAS="8")
+    env = server_env(adapter_root, state, s3, LORASWAP_MAX_CPU_LORAS="8")
     srv = Server(state / "serve.log", env=env).start()
     yield srv
     left = srv.stop()

@@ -22,10 +22,18 @@ def test_log_has_one_line_per_event_and_a_ready_banner(server):
     """A start and requests log each loraswap event once, in BentoML's format (with request
     ids on the access lines), and the start ends with where to go and what to try."""
     import re
+    import time
     from collections import Counter
 
+    def access_lines() -> int:
+        return server.log_path.read_text(errors="replace").count("path=/generate,")
+
+    before = access_lines()
     for _ in range(10):
         httpx.post(f"{server.url}/generate", json={"prompt": "Hi", "max_tokens": 2}, timeout=60)
+    deadline = time.monotonic() + 10  # an access line is written after its response is sent
+    while access_lines() < before + 10 and time.monotonic() < deadline:
+        time.sleep(0.2)
     log = server.log_path.read_text(errors="replace")
     assert "[loraswap]" not in log, "a line in loraswap's own format: printed twice"
     bentoml_line = re.compile(r"^\S+ \[(?:INFO|WARNING|ERROR)\] \[[^\]]*\] (.*)$")
@@ -54,16 +62,19 @@ def test_a_lora_aware_router_finds_the_adapter_by_the_name_requests_use(server, 
     import time
 
     assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
-    done = threading.Event()
+    done, enough = threading.Event(), threading.Event()
 
     def stream() -> None:
+        """A long stream (so a slow scrape still lands inside it), closed once it was seen."""
         try:
             chunks = client.completions.create(
-                model="uppercase", prompt="Tell me a story", max_tokens=64, stream=True,
+                model="uppercase", prompt="Tell me a story", max_tokens=1024, stream=True,
                 extra_body={"ignore_eos": True},
             )  # fmt: skip
-            for _ in chunks:
-                pass
+            with chunks:
+                for _ in chunks:
+                    if enough.is_set():
+                        break
         finally:
             done.set()
 
@@ -85,6 +96,7 @@ def test_a_lora_aware_router_finds_the_adapter_by_the_name_requests_use(server, 
         if done.is_set() and not seen:
             break
         time.sleep(0.1)
+    enough.set()
     thread.join(timeout=120)
     assert seen, f"no scrape named uppercase: {info}"
     assert {"uppercase", "uppercase@v1"} <= set(",".join(seen[0].values()).split(","))

@@ -244,3 +244,14 @@ def test_text_tool_outputs_and_plain_messages_pass_the_responses_check():
         {"type": "function_call_output", "call_id": "c",
          "output": [{"type": "input_text", "text": "18 C"}]},
     ]})  # fmt: skip
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+@pytest.mark.parametrize("constraints", [235434697, "json", [{"json": {}}]])
+def test_structured_outputs_that_is_not_an_object_is_400(path, constraints):
+    """Found by fuzzing: vLLM 0.32's validator calls ``.get`` on it (an AttributeError, a 500)."""
+    with pytest.raises(ApiError) as refused:
+        check_input(INFERENCE_ROUTES[path], {"structured_outputs": constraints})
+    assert refused.value.status == 400 and refused.value.param == "structured_outputs"
+    check_input(INFERENCE_ROUTES[path], {"structured_outputs": {"choice": ["a", "b"]}})
+    check_input(INFERENCE_ROUTES[path], {"structured_outputs": None})

@@ -69,7 +69,9 @@ def test_w8a8_base_model_serves_with_adapters(tmp_path_factory, base_model_dir: 
     config = json.loads((imported.path / "config.json").read_text())
     assert config["quantization_config"]["format"] == "int-quantized"
     work = tmp_path_factory.mktemp("w8a8")
-    env = server_env(work, work / "state", s3, LORASWAP_BASE_MODEL=imported.tag)
+    # a model of its own compiles afresh (~4 min); the INT8 kernels are what this tests
+    env = server_env(work, work / "state", s3, LORASWAP_BASE_MODEL=imported.tag,
+                     LORASWAP_ENFORCE_EAGER="true")  # fmt: skip
     server = Server(work / "server.log", env=env).start()
     try:
         client = OpenAI(base_url=f"{server.url}/v1", api_key="none")

@@ -17,6 +17,10 @@ TEXT_PARTS = frozenset({"input_text", "output_text"})
 def check_input(route: Route, body: dict[str, Any]) -> None:
     """Inputs vLLM 0.32 answers with a 500 instead of a 400 (found by fuzzing): refused, or
     rewritten into the form vLLM handles."""
+    constraints = body.get("structured_outputs")
+    if constraints is not None and not isinstance(constraints, dict):
+        # vLLM's before-validator calls .get on it: an AttributeError, so a 500
+        raise ApiError(400, "structured_outputs must be an object", param="structured_outputs")
     if route.path != "/v1/responses" or not isinstance(body.get("input"), list):
         return
     for i, item in enumerate(body["input"]):
