@@ -115,6 +115,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, adapter_root: Path, s3: dic
 
 
 ROOT_KEY = "root-key-1"
+METRICS_TOKEN = "scrape-token-1"
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +124,8 @@ def tenanted(tmp_path_factory: pytest.TempPathFactory, adapter_root: Path, s3: d
     module: each `bentoml serve` empties BentoML's shared Prometheus directory at start, so a
     server kept across modules loses its series when a later module starts another."""
     state = tmp_path_factory.mktemp("tenanted")
-    env = server_env(adapter_root, state, s3, LORASWAP_ADMIN_API_KEYS=ROOT_KEY)
+    env = server_env(adapter_root, state, s3, LORASWAP_ADMIN_API_KEYS=ROOT_KEY,
+                     LORASWAP_METRICS_TOKEN=METRICS_TOKEN)  # fmt: skip
     srv = Server(state / "serve.log", env=env).start()
     srv.state = state
     yield srv

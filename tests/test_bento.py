@@ -294,18 +294,42 @@ def test_inference_pool_selects_the_serving_pods_and_its_picker():
     [container] = epp["template"]["spec"]["containers"]
     args = dict(a.removeprefix("--").split("=", 1) for a in container["args"])
     assert args["pool-name"] == "loraswap" and args["pool-group"] == "inference.networking.k8s.io"
-    [volume] = epp["template"]["spec"]["volumes"]
-    config_map = by_kind_name[("ConfigMap", volume["configMap"]["name"])]
-    [mount] = container["volumeMounts"]
-    assert args["config-file"].removeprefix(mount["mountPath"] + "/") in config_map["data"]
+    # its configuration is EPP_CONFIG, expanded by Kubernetes into --config-text
+    assert args["config-text"] == "$(EPP_CONFIG)" and "config-file" not in args
+    assert "EPP_CONFIG" in {e["name"] for e in container["env"]}
+
+
+def env_of(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container["env"]}
+
+
+def epp_container() -> dict:
+    epp = next(d for d in manifest_documents() if d["metadata"]["name"] == "loraswap-epp"
+               and d["kind"] == "Deployment")  # fmt: skip
+    [container] = epp["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def test_endpoint_picker_scrapes_with_the_token_the_pods_accept():
+    """/metrics answers only to the scrape token where keys are set: the EPP (whose metrics
+    data source sends no headers) puts in its path the token the loraswap pods read, from the
+    same Secret key, defined before the config that expands it (Kubernetes' order rule)."""
+    deployment = yaml.safe_load((K8S / "deployment.yaml").read_text())
+    pods = env_of(deployment["spec"]["template"]["spec"]["containers"][0])
+    epp = env_of(epp_container())
+    assert "LORASWAP_ADMIN_API_KEYS" in pods
+    token = pods["LORASWAP_METRICS_TOKEN"]["valueFrom"]
+    assert epp["LORASWAP_METRICS_TOKEN"]["valueFrom"] == token
+    names = list(epp)
+    assert names.index("LORASWAP_METRICS_TOKEN") < names.index("EPP_CONFIG")
+    config = yaml.safe_load(epp["EPP_CONFIG"]["value"])
+    [source] = [p for p in config["plugins"] if p["type"] == "metrics-data-source"]
+    assert source["parameters"]["path"] == "/metrics/$(LORASWAP_METRICS_TOKEN)"
 
 
 def test_endpoint_picker_config_is_what_the_epp_accepts():
     """Fields, plugin types and references as llm-d-router v0.10.0 reads them."""
-    config_map = next(d for d in manifest_documents() if d["metadata"]["name"] == "loraswap-epp"
-                      and d["kind"] == "ConfigMap")  # fmt: skip
-    [text] = config_map["data"].values()
-    config = yaml.safe_load(text)
+    config = yaml.safe_load(env_of(epp_container())["EPP_CONFIG"]["value"])
     assert (config["apiVersion"], config["kind"]) == ("llm-d.ai/v1alpha1", "EndpointPickerConfig")
     assert set(config) <= EPP_CONFIG_FIELDS
     names = {}
@@ -316,7 +340,8 @@ def test_endpoint_picker_config_is_what_the_epp_accepts():
         if plugin["type"] == "metrics-data-source":
             params = plugin["parameters"]
             assert set(params) <= METRICS_SOURCE_PARAMETERS
-            assert params["path"] == "/metrics" and re.fullmatch(r"\d+(ms|s)", params["interval"])
+            assert params["path"].startswith("/metrics/")  # the scrape token, next test
+            assert re.fullmatch(r"\d+(ms|s)", params["interval"])
         else:
             assert "parameters" not in plugin  # each plugin's own fields are strictly decoded too
     assert {"lora-affinity-scorer", "queue-scorer", "kv-cache-utilization-scorer",

@@ -1,12 +1,15 @@
 """API keys and the inference concurrency limit, as one ASGI middleware on the whole server.
 
 It wraps BentoML's app, so it also guards ``/metrics`` and the health routes when configured.
+``/metrics`` names every tenant's adapters: where keys (or a metrics token) are set, it answers
+only to the metrics token or a key that sees every adapter, never to a tenant's.
 BentoML's own ``max_concurrency`` stays as an outer safety valve; this limit adds what it lacks:
 the OpenAI error shape, ``Retry-After``, and counting only generating traffic.
 """
 
 from __future__ import annotations
 
+import hmac
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -16,6 +19,8 @@ from .routes import access_of, inference_route
 from .tenants import CURRENT, Principal, Tenancy
 from .tenants.principal import ANONYMOUS
 
+METRICS_PATH = "/metrics"
+
 
 class AccessMiddleware:
     def __init__(self, app: Any, settings: Settings, tenancy: Tenancy | None = None) -> None:
@@ -24,13 +29,26 @@ class AccessMiddleware:
         self.directory = (tenancy or Tenancy(settings)).directory
         self.inflight = 0
 
-    def _allowed(self, access: str, principal: Principal | None) -> bool:
+    def _scraper(self, presented: str | None) -> bool:
+        """``presented`` is the metrics token (compared in constant time)."""
+        token = self.settings.metrics_token
+        return bool(token and presented and hmac.compare_digest(presented.encode(), token.encode()))
+
+    def _metrics_allowed(self, principal: Principal | None, presented: str | None) -> bool:
         s = self.settings
+        if not s.auth_metrics_route or not (self.directory.auth_required or s.metrics_token):
+            return True
+        if self._scraper(presented):
+            return True
+        return principal is not None and principal is not ANONYMOUS and principal.tenant is None
+
+    def _allowed(self, access: str, principal: Principal | None, presented: str | None) -> bool:
+        s = self.settings
+        if access == "metrics":
+            return self._metrics_allowed(principal, presented)
         if access == "open" or not self.directory.auth_required:
             return True
         if access == "health" and not s.auth_health_routes:
-            return True
-        if access == "metrics" and not s.auth_metrics_route:
             return True
         if principal is None:
             return False
@@ -68,9 +86,17 @@ class AccessMiddleware:
         path = scope["path"]
         self.directory.refresh_if_due()
         presented = self._presented_key(scope)
+        if path.startswith(METRICS_PATH + "/"):  # the token in the path, for header-less scrapers
+            presented = path[len(METRICS_PATH) + 1 :]
+            if not self._scraper(presented):
+                bad = ApiError(401, "not a metrics token", headers={"www-authenticate": "Bearer"})
+                await self._reject(scope, receive, send, bad)
+                return
+            path = METRICS_PATH
+            scope = {**scope, "path": path, "raw_path": path.encode()}
         principal = self.directory.authenticate(presented)
         access = access_of(path)
-        if not self._allowed(access, principal):
+        if not self._allowed(access, principal, presented):
             if principal is None:
                 error = ApiError(
                     401, "missing or invalid API key (send `Authorization: Bearer <key>`)",

@@ -59,11 +59,15 @@ def cmd_tenants(ns: argparse.Namespace) -> int:
         body = {"name": name, "adapters": ns.adapters, "base_model": not ns.no_base_model}
         if (limits := _limits(ns)) is not None:
             body["limits"] = limits
+        if ns.sources is not None:
+            body["sources"] = ns.sources
         payload = call(ns, "POST", "/admin/tenants", body)
     elif ns.action == "set":
         body = {"adapters": ns.adapters, "limits": _limits(ns)}
         if ns.base_model is not None:
             body["base_model"] = ns.base_model == "yes"
+        if ns.sources is not None or ns.default_sources:
+            body["sources"] = ns.sources
         payload = call(ns, "PATCH", f"/admin/tenants/{name}", body)
     elif ns.action == "remove":
         payload = call(ns, "DELETE", f"/admin/tenants/{name}")
@@ -148,16 +152,27 @@ def add_parsers(sub: Any, default_url: str) -> None:
     acts.add_parser("list")
     acts.add_parser("show").add_argument("name")
     add = acts.add_parser("add", help="a tenant owning adapters by name or `prefix*`")
-    setter = acts.add_parser("set", help="change a tenant's adapters, base access or limits")
+    setter = acts.add_parser(
+        "set", help="change a tenant's adapters, sources, base access or limits"
+    )
     for parser in (add, setter):
         parser.add_argument("name")
         parser.add_argument("--adapters", nargs="*", help="names or prefixes (`acme-*`)")
+        parser.add_argument(
+            "--sources",
+            nargs="*",
+            help="where its admin keys may register "
+            "adapters from (`roots`, `adapters/acme`, `s3://bucket/acme/`...)",
+        )
         for flag in ("max-concurrent", "requests-per-minute", "tokens-per-minute",
                      "batch-tokens-per-day", "max-pins"):  # fmt: skip
             parser.add_argument(f"--{flag}", type=int)
     add.set_defaults(adapters=[])
     add.add_argument("--no-base-model", action="store_true", help="may not use the base model")
     setter.add_argument("--base-model", choices=["yes", "no"])
+    setter.add_argument(
+        "--default-sources", action="store_true", help="back to the policy's tenant_default"
+    )
     acts.add_parser("remove").add_argument("name")
     key = acts.add_parser("add-key", help="a new key, printed once")
     key.add_argument("name")

@@ -21,6 +21,8 @@ def settings_table() -> str:
         default = field.get_default(call_default_factory=True)
         if isinstance(default, list):
             default = json.dumps([str(v) for v in default])
+        elif hasattr(default, "model_dump_json"):  # a nested model: the JSON the env var takes
+            default = json.dumps(default.model_dump(mode="json"), separators=(",", ":"))
         shown = f"`{default}`" if default != "" else "(empty)"
         description = (field.description or "").replace("|", "\\|")
         rows.append(f"| `LORASWAP_{name.upper()}` | {shown} | {description} |")

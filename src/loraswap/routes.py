@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 # user: any key; admin: a global admin key or a tenant's admin key (scoped to its adapters and
-# usage); operator: global admin keys only (tenants and their keys).
+# usage); operator: global admin keys only (tenants and their keys); metrics: the metrics token or
+# a key that sees every adapter, where keys are set (access.py).
 Access = Literal["open", "health", "metrics", "user", "admin", "operator"]
 
 
@@ -74,7 +75,7 @@ ROUTES: tuple[Route, ...] = (
     Route("/v1/batches", ("GET", "POST"), "user", "OpenAI Batch API jobs"),
     Route("/v1/batches/{batch_id}", ("GET",), "user", "one job"),
     Route("/v1/batches/{batch_id}/cancel", ("POST",), "user", "cancel a job"),
-    Route("/info", ("GET",), "user", "machine, auto-chosen settings and why, versions"),
+    Route("/info", ("GET",), "user", "the key's models; machine, settings and why: global admins"),
     Route("/version", ("GET",), "user", "vLLM's version", vllm=True),
     # adapter management
     Route("/admin/adapters", ("GET", "POST"), "admin", "list, register"),
@@ -105,6 +106,7 @@ ROUTES: tuple[Route, ...] = (
     Route("/health", ("GET",), "health", "vLLM health", vllm=True),
     Route("/ping", ("GET", "POST"), "health", "SageMaker health", vllm=True),
     Route("/metrics", ("GET",), "metrics", "Prometheus (BentoML, vLLM, loraswap series)"),
+    Route("/metrics/{token}", ("GET",), "metrics", "the same, the metrics token in the path"),
     Route("/console", ("GET",), "open", "operator console (data needs a key where keys are set)"),
     Route("/console/{name}", ("GET",), "open", "the console's script and style"),
     Route("/docs", ("GET",), "open", "Swagger UI"),

@@ -172,6 +172,7 @@ class AdapterRegistry:
                 roots=self.settings.adapter_roots,
                 cache_dir=self.settings.adapter_cache_dir,
                 storage_options=self.settings.fsspec_storage_options,
+                policy=self.settings.adapter_sources,
             )
             return got.path, validate_adapter(got.path, self.shapes, self.settings.max_lora_rank)
 

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from .. import metrics, vllm_compat
 from ..errors import ApiError
 from ..runtime import registry_of, runtime_of
+from ..source_policy import SourceRefused
 from ..tenants import current
 from .keys import AdapterKey, split_model
 from .protocol import (
@@ -40,6 +41,21 @@ def may_register(name: str) -> str:
             param="name",
         )  # fmt: skip
     return name
+
+
+def allowed_source(request: Request, source: str, param: str = "source") -> str:
+    """``source`` if this key may register from it: the source policy for every key, and its
+    tenant's own ``sources`` for a tenant's; else the 400 that names the policy."""
+    settings, principal = runtime_of(request).settings, current()
+    tenant = principal.tenant
+    limits = {"tenant": tenant.name, "tenant_sources": tenant.sources} if tenant else {}
+    try:
+        settings.adapter_sources.check(
+            source, settings.adapter_roots, admin=principal.admin, **limits
+        )
+    except SourceRefused as exc:
+        raise ApiError(400, str(exc), param=param) from None
+    return source
 
 
 def check_pin_quota(registry, name: str) -> None:
@@ -119,7 +135,9 @@ async def model_listing(request: Request):
 @router.post("/v1/load_lora_adapter", tags=["Adapters (vLLM-compatible)"])
 async def load_lora_adapter(body: LoadAdapterRequest, request: Request) -> PlainTextResponse:
     name, version = split_model(body.lora_name)
-    await registry_of(request).register(may_register(name), body.lora_path, version, load=True)
+    may_register(name)
+    source = allowed_source(request, body.lora_path, "lora_path")
+    await registry_of(request).register(name, source, version, load=True)
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
 
@@ -145,10 +163,12 @@ async def list_adapters(
 @router.post("/admin/adapters", status_code=201, tags=["Adapters"])
 async def register_adapter(body: RegisterAdapterRequest, request: Request) -> dict:
     registry = registry_of(request)
+    may_register(body.name)
     if body.pin:
-        check_pin_quota(registry, may_register(body.name))
+        check_pin_quota(registry, body.name)
+    source = allowed_source(request, body.source)
     result = await registry.register(
-        may_register(body.name), body.source, body.version, promote=body.promote, load=body.load
+        body.name, source, body.version, promote=body.promote, load=body.load
     )
     if body.pin:
         result.update(await registry.set_pinned(body.name, True))

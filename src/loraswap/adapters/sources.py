@@ -1,7 +1,10 @@
 """Turn an adapter source URI into a local PEFT directory the engine can read.
 
-Local paths must stay inside the adapter roots; ``bentoml://name:version`` reads the BentoML model
-store; ``hf://org/name@revision`` downloads from the Hugging Face hub; any other fsspec URL
+Nothing outside the source policy is read: every source is checked against what some key may
+register from (the registration route checked the caller's own limits already). Local paths must
+stay inside the adapter roots; ``bentoml://name:version`` reads the BentoML model store;
+``hf://org/name@revision`` downloads from the Hugging Face hub; ``http(s)://`` goes through
+:mod:`.http_fetch` (every hop's address checked); any other fsspec URL the policy lists by name
 (``s3://bucket/prefix``, ``gs://``...) is copied. Remote copies land in the adapter cache under
 ``<name>/<version>``, written to a temporary directory first and renamed, so a half-download is
 never served.
@@ -18,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..source_policy import SourcePolicy, SourceRefused
+from .http_fetch import download
 from .validation import ADAPTER_CONFIG, AdapterInvalid, inside_roots
 
 logger = logging.getLogger(__name__)
@@ -28,7 +33,7 @@ ADAPTER_FILES = [ADAPTER_CONFIG, "adapter_model.safetensors", "README.md"]
 @dataclass(frozen=True)
 class Materialized:
     path: Path
-    kind: str  # local | bentoml | hf | fsspec
+    kind: str  # local | bentoml | hf | http | fsspec
 
 
 def source_kind(source: str) -> str:
@@ -38,6 +43,8 @@ def source_kind(source: str) -> str:
         return "bentoml"
     if source.startswith("file://") or "://" not in source:
         return "local"
+    if source.startswith(("http://", "https://")):
+        return "http"
     return "fsspec"
 
 
@@ -57,6 +64,19 @@ def _download_hf(repo: str, revision: str, tmp: Path) -> None:
     snapshot_download(
         repo_id=repo, revision=revision, local_dir=str(tmp), allow_patterns=ADAPTER_FILES
     )
+
+
+def _download_http(url: str, tmp: Path, policy: SourcePolicy) -> None:
+    def allowed(hop: str) -> None:
+        if not policy.reaches(hop):
+            raise AdapterInvalid(f"{hop!r}: its host is not in the adapter source policy")
+
+    base, networks = url.rstrip("/"), policy.networks()
+    for name in ADAPTER_FILES:
+        got = download(f"{base}/{name}", tmp / name, allowed=allowed, networks=networks,
+                       required=False)  # fmt: skip
+        if not got and name == ADAPTER_CONFIG:
+            raise AdapterInvalid(f"no {ADAPTER_CONFIG} at {url}")
 
 
 def _download_fsspec(url: str, tmp: Path, storage_options: dict[str, Any]) -> None:
@@ -79,8 +99,15 @@ def materialize(
     roots: list[Path],
     cache_dir: Path,
     storage_options: dict[str, Any] | None = None,
+    policy: SourcePolicy | None = None,
 ) -> Materialized:
-    """A local directory holding the adapter of ``source``; raise AdapterInvalid if unusable."""
+    """A local directory holding the adapter of ``source``; raise AdapterInvalid if unusable
+    or outside ``policy`` (default: the default policy)."""
+    policy = policy or SourcePolicy()
+    try:
+        policy.check(source, roots)
+    except SourceRefused as exc:
+        raise AdapterInvalid(str(exc)) from None
     kind = source_kind(source)
     if kind == "local":
         local = source[len("file://") :] if source.startswith("file://") else source
@@ -108,6 +135,8 @@ def materialize(
             if match is None:
                 raise AdapterInvalid(f"bad hub source {source!r}: use hf://org/name[@revision]")
             _download_hf(match["repo"], match["rev"] or "main", tmp)
+        elif kind == "http":
+            _download_http(source, tmp, policy)
         else:
             _download_fsspec(source, tmp, storage_options or {})
     except AdapterInvalid:

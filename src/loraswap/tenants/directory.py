@@ -15,6 +15,7 @@ import random
 import secrets
 import time
 from collections.abc import Callable
+from types import EllipsisType
 from typing import Any
 
 from ..config import Settings
@@ -147,7 +148,10 @@ class TenantDirectory:
         adapters: list[str] | None = None,
         base_model: bool | None = None,
         limits: Limits | None = None,
+        sources: list[str] | EllipsisType | None = ...,
     ) -> Tenant:
+        """Change what is given; ``sources=None`` resets them to the policy's default."""
+
         def mutate(state: TenantsState) -> Tenant:
             tenant = state.tenants.get(name)
             if tenant is None:
@@ -158,6 +162,8 @@ class TenantDirectory:
                 tenant.base_model = base_model
             if limits is not None:
                 tenant.limits = limits
+            if sources is not ...:
+                tenant.sources = Tenant(name=name, sources=sources).sources
             return tenant
 
         return await self._commit(mutate)

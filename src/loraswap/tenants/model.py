@@ -10,6 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 
+from ..source_policy import SourceRefused, check_entry
+
 NAME = re.compile(r"^[a-z0-9]([a-z0-9_.-]{0,62}[a-z0-9])?$")
 KEY_PREFIX = "lsk-"
 
@@ -21,6 +23,14 @@ def hash_key(key: str) -> str:
 
 def new_key() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def check_sources(value: list[str] | None) -> list[str] | None:
+    """A tenant's ``sources``: each entry one the source policy can read."""
+    try:
+        return None if value is None else [check_entry(entry) for entry in value]
+    except SourceRefused as exc:
+        raise ValueError(str(exc)) from None
 
 
 class ApiKey(BaseModel):
@@ -48,6 +58,12 @@ class Tenant(BaseModel):
         description="adapter names it owns; a trailing `*` owns a prefix (`acme-*`)",
     )
     base_model: bool = Field(True, description="may use the base model")
+    sources: list[str] | None = Field(
+        None,
+        description="where its admin keys may register adapters from (`roots`, a directory, "
+        "`s3://bucket/prefix/`, `hf://org`...), within LORASWAP_ADAPTER_SOURCES's `allow`; "
+        "unset: the policy's `tenant_default`",
+    )
     limits: Limits = Field(default_factory=Limits)
     keys: list[ApiKey] = Field(default_factory=list)
 
@@ -68,6 +84,11 @@ class Tenant(BaseModel):
             if not stem or "*" in stem:
                 raise ValueError(f"bad adapter pattern {pattern!r}: a name or a `prefix*`")
         return value
+
+    @field_validator("sources")
+    @classmethod
+    def _sources(cls, value: list[str] | None) -> list[str] | None:
+        return check_sources(value)
 
     def owns(self, adapter: str) -> bool:
         return any(

@@ -6,11 +6,11 @@ import asyncio
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from ..errors import ApiError
 from . import Tenancy
-from .model import Limits, Tenant
+from .model import Limits, Tenant, check_sources
 from .principal import current
 
 router = APIRouter(tags=["Tenants"])
@@ -20,6 +20,14 @@ class TenantChange(BaseModel):
     adapters: list[str] | None = None
     base_model: bool | None = None
     limits: Limits | None = None
+    sources: list[str] | None = Field(
+        None, description="where its admins may register from; `null` (given): the default"
+    )
+
+    @field_validator("sources")
+    @classmethod
+    def _sources(cls, value: list[str] | None) -> list[str] | None:
+        return check_sources(value)
 
 
 class KeyRequest(BaseModel):
@@ -60,9 +68,11 @@ async def show_tenant(name: str, request: Request) -> dict:
 
 @router.patch("/admin/tenants/{name}")
 async def change_tenant(name: str, body: TenantChange, request: Request) -> dict:
+    sources = body.sources if "sources" in body.model_fields_set else ...
     tenant = await tenancy_of(request).directory.update(
-        name, adapters=body.adapters, base_model=body.base_model, limits=body.limits
-    )
+        name, adapters=body.adapters, base_model=body.base_model, limits=body.limits,
+        sources=sources,
+    )  # fmt: skip
     return shown(tenant)
 
 
