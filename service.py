@@ -8,6 +8,7 @@ import bentoml
 
 from loraswap.access import AccessMiddleware
 from loraswap.config import configure_logging, get_settings
+from loraswap.drain import Drain, DrainMiddleware
 from loraswap.engine import Engine
 from loraswap.model_import import base_model_reference, resolved_model_path
 from loraswap.openai_api import create_app
@@ -16,6 +17,7 @@ from loraswap.supervisor import EngineSupervisor
 configure_logging()
 settings = get_settings().anchored(Path(__file__).resolve().parent)
 openai_app = create_app(settings)
+drain = Drain(settings.drain_s, settings.drain_notice_s)
 
 
 @bentoml.asgi_app(openai_app, path="/")
@@ -36,6 +38,7 @@ class LoRASwap:
 
     @bentoml.on_startup
     async def start_engine(self) -> None:
+        drain.install(before_wait=self.supervisor.hand_back_jobs)
         await self.supervisor.start()
 
     @bentoml.on_shutdown
@@ -43,7 +46,9 @@ class LoRASwap:
         await self.supervisor.stop()
 
     async def __is_ready__(self) -> bool:
-        return not self.supervisor.restarting and await self.supervisor.engine.is_healthy()
+        if drain.draining or self.supervisor.restarting:
+            return False
+        return await self.supervisor.engine.is_healthy()
 
     def __is_alive__(self) -> bool:
         """Alive while the engine serves or is being restarted; not once restarts failed, so
@@ -52,3 +57,4 @@ class LoRASwap:
 
 
 LoRASwap.add_asgi_middleware(AccessMiddleware, settings=settings, tenancy=openai_app.state.tenancy)
+LoRASwap.add_asgi_middleware(DrainMiddleware, drain=drain)

@@ -256,6 +256,10 @@ def test_kubernetes_manifests_validate():
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["LORASWAP_REGISTRY_URI"].startswith("s3://")
+    # a rolling update lets streams finish: the grace period covers preStop sleep + drain
+    sleep = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
+    grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert grace >= sleep + float(env["LORASWAP_DRAIN_S"]) + 10
 
 
 def test_inference_pool_validates_against_the_vendored_crd():

@@ -5,6 +5,7 @@ which replica answers, and nothing is lost when a replica dies or both restart."
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -264,3 +265,53 @@ def test_nothing_is_lost_when_both_replicas_restart(fleet):
     start_all(fleet["replicas"])
     for replica in fleet["replicas"]:
         assert snapshot(replica.url) == before
+
+
+def test_a_rolling_update_drops_nothing(fleet):
+    """Each replica in turn gets SIGTERM, as Kubernetes sends it, and a successor on its port,
+    under steady streaming load through the balancer and with a batch job running: no request
+    fails, no stream is cut, and the job completes with every line exactly once."""
+    lb = fleet["balancer"].url
+    client = sdk(lb)
+    batch = run_batch(client, [chat_line(f"roll{i}", max_tokens=8) for i in range(120)])
+    stop, outcomes = threading.Event(), []
+
+    def stream_until_stopped() -> None:
+        streams = sdk(lb)
+        while not stop.is_set():
+            try:
+                chunks = streams.chat.completions.create(
+                    model="smollm2-135m-instruct", max_tokens=32, stream=True,
+                    messages=[{"role": "user", "content": "Count to ten."}],
+                    extra_body={"ignore_eos": True},
+                )  # fmt: skip
+                finish = [c.choices[0].finish_reason for c in chunks if c.choices]
+                outcomes.append("ok" if finish[-1:] == ["length"] else f"cut: {finish[-3:]}")
+            except Exception as exc:  # any failure at all is what this test counts
+                outcomes.append(f"failed: {exc!r}")
+
+    load = [threading.Thread(target=stream_until_stopped) for _ in range(3)]
+    for thread in load:
+        thread.start()
+    try:
+        for index, replica in enumerate(list(fleet["replicas"])):
+            time.sleep(3)  # streams in flight on both replicas
+            assert not replica.stop(), "processes left after SIGTERM"
+            assert "drained in" in replica.log_path.read_text(errors="replace")
+            successor = replica.restart_like()
+            fleet["replicas"][index] = successor
+            successor.start()
+            time.sleep(2)  # the balancer's health check takes it back
+        time.sleep(3)
+    finally:
+        stop.set()
+        for thread in load:
+            thread.join(timeout=300)
+    failed = [o for o in outcomes if o != "ok"]
+    assert len(outcomes) >= 10 and not failed, (len(outcomes), failed[:5])
+    done = wait_done(client, batch.id, timeout=600)
+    assert done.status == "completed", done
+    assert (done.request_counts.total, done.request_counts.completed) == (120, 120)
+    output = client.files.content(done.output_file_id).text.splitlines()
+    ids = [json.loads(x)["custom_id"] for x in output]
+    assert len(ids) == 120 and set(ids) == {f"roll{i}" for i in range(120)}  # each exactly once

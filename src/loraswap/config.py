@@ -337,6 +337,24 @@ class Settings(BaseSettings):
         gt=0,
         description="How often a replica looks in the database for batch jobs nobody holds.",
     )
+    drain_s: float = Field(
+        30.0,
+        ge=0,
+        description=(
+            "On SIGTERM, the longest the replica waits for requests in flight (streams "
+            "included) before it stops; keep the pod's `terminationGracePeriodSeconds` above "
+            "it plus any `preStop` sleep."
+        ),
+    )
+    drain_notice_s: float = Field(
+        2.0,
+        ge=0,
+        description=(
+            "On SIGTERM, how long `/readyz` answers 503 while new requests are still served, "
+            "so a balancer polling readiness stops sending before the replica stops taking "
+            "them (0 when a `preStop` sleep already covers it)."
+        ),
+    )
     limits_uri: str = Field(
         "memory://",
         description=(

@@ -66,6 +66,11 @@ class EngineSupervisor:
         await self.app.state.tenancy.limiter.close()  # hands this replica's in-flight leases back
         await asyncio.to_thread(self.app.state.tenancy.storage.close)
 
+    async def hand_back_jobs(self) -> None:
+        """A draining replica's batch jobs, released for another replica to resume."""
+        if self.runtime is not None and self.runtime.batches is not None:
+            await self.runtime.batches.hand_back()
+
     async def _bring_up(self) -> None:
         await self.engine.start()
         # vLLM's engine-error handler reads app.state.server (its uvicorn server, which it tells

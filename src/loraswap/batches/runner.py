@@ -110,6 +110,7 @@ class BatchRunner:
         self.poll_s = poll_s
         self.jobs: dict[str, Job] = {}
         self._poller: asyncio.Task[None] | None = None
+        self.handed_back = False  # draining: jobs are left to other replicas
 
     # ----- files ---------------------------------------------------------------------------
     async def add_file(self, filename: str, purpose: str, data: bytes, owner: str) -> FileObject:
@@ -164,9 +165,10 @@ class BatchRunner:
         if input_file.purpose != "batch":
             raise ApiError(400, "the input file's purpose must be batch", param="input_file_id")
         batch = new_batch(request.endpoint, input_file.id, now(), request.metadata)
-        lease = (self.replica, self.lease_s)
+        lease = None if self.handed_back else (self.replica, self.lease_s)
         await asyncio.to_thread(self.store.add_batch, batch, owner.name, lease)
-        self._start(batch.id)
+        if lease is not None:  # a draining replica stores it for another to take
+            self._start(batch.id)
         return batch
 
     async def cancel(self, batch_id: str, scope: str | None = None) -> Batch:
@@ -209,14 +211,20 @@ class BatchRunner:
                 logger.exception("looking for batch jobs failed")
             await asyncio.sleep(self.poll_s)
 
-    async def close(self) -> None:
-        """Stop every job where it is and hand it back; any replica resumes it."""
+    async def hand_back(self) -> None:
+        """Stop every job where it is, release its lease and take no more: any replica
+        resumes it (a draining replica's lines finished so far stay recorded, once)."""
+        self.handed_back = True
         tasks = [job.task for job in self.jobs.values() if job.task is not None]
         if self._poller is not None:
             tasks.append(self._poller)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def close(self) -> None:
+        """Hand every job back and close the store."""
+        await self.hand_back()
         await asyncio.to_thread(self.store.close)
 
     # ----- running -------------------------------------------------------------------------
