@@ -152,3 +152,21 @@ def test_row_kernel_choice_needs_float32_and_a_c_compiler(monkeypatch: pytest.Mo
     monkeypatch.setattr(shutil, "which", lambda name: None)
     choice = machine.row_kernel_choice(settings, "float32")
     assert choice.value is False and "C compiler" in choice.reason
+
+
+def test_loraswap_info_imports_neither_vllm_nor_torch():
+    """`loraswap info` answers in seconds: importing vLLM (and with it torch) costs ~15 s."""
+    import subprocess
+    import sys
+
+    probe = "\n".join([
+        "import contextlib, io, sys",
+        "from loraswap.cli import main",
+        "with contextlib.redirect_stdout(io.StringIO()):",
+        "    main(['info'])",
+        "print(sorted(m for m in ('vllm', 'torch', 'transformers') if m in sys.modules))",
+    ])  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"

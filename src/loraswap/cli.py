@@ -77,13 +77,14 @@ def cmd_config(ns: argparse.Namespace) -> int:
 
 def cmd_info(ns: argparse.Namespace) -> int:
     """The machine, the settings ``auto`` picks on it, and where every setting came from."""
-    from .engine import is_cpu_build
+    from .engine_fork import cpu_build
     from .info import collect, offline_additions, render
 
     settings = Settings()
     offline = offline_additions(settings)
-    # sized for the imported base model, as the server will at start
-    doc = collect(settings, is_cpu_build(), model_path=offline["base_model"]["location"]) | offline
+    # sized for the imported base model, as the server will at start; the build is read from
+    # the package metadata (importing vLLM to ask its platform costs ~15 s of torch imports)
+    doc = collect(settings, cpu_build(), model_path=offline["base_model"]["location"]) | offline
     print(json.dumps(doc, indent=2) if ns.json else render(doc))
     return 0
 

