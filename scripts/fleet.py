@@ -49,7 +49,6 @@ def main() -> int:
             "LORASWAP_DATABASE_URL": db_url,
             "LORASWAP_LIMITS_URI": redis_url,
             "LORASWAP_FILES_URI": str(shared / "files"),
-            "LORASWAP_TENANTS_URI": str(shared / "tenants.json"),
             "LORASWAP_ADAPTER_ROOTS": json.dumps([str(ROOT / "adapters")]),
         }
         replicas = [Replica(work / f"replica-{i}", env | core_of(i)) for i in range(ns.replicas)]

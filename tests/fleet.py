@@ -125,13 +125,12 @@ class Replica(Server):
 
 def shared_env(db_url: str, redis_url: str, s3: dict, prefix: str, **extra: str) -> dict[str, str]:
     """What every replica shares: the database (jobs, files, usage, audit, the adapter
-    catalogue), the limits store, S3 for file bytes and the tenants document."""
+    catalogue, tenants), the limits store and S3 for file bytes."""
     bucket = f"s3://{s3['bucket']}/{prefix}"
     return {
         "LORASWAP_DATABASE_URL": db_url,
         "LORASWAP_LIMITS_URI": redis_url,
         "LORASWAP_FILES_URI": f"{bucket}/files",
-        "LORASWAP_TENANTS_URI": f"{bucket}/tenants.json",
         "LORASWAP_FSSPEC_STORAGE_OPTIONS": json.dumps(s3["options"]),
         **extra,
     }

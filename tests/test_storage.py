@@ -21,8 +21,14 @@ from sqlalchemy.engine import make_url
 from loraswap.audit import AuditLog
 from loraswap.batches import BatchRunner, BatchStore
 from loraswap.batches.protocol import new_batch
+from loraswap.config import Settings
+from loraswap.errors import ApiError
 from loraswap.shadows.store import ComparisonStore
 from loraswap.storage import Database, FileBytes, Storage, schema
+from loraswap.tenants import Tenancy, Tenant
+from loraswap.tenants.directory import TenantDirectory, TenantStore
+from loraswap.tenants.model import TenantsState
+from loraswap.tenants.rows import TenantRows
 from loraswap.tenants.usage import UsageLedger
 from tests.test_batch_unit import FakePipeline, counts, item, jsonl, start, wait_for
 
@@ -52,12 +58,12 @@ def storage_at(db_url: str, files: Path) -> Storage:
 
 def test_migrations_create_exactly_the_schema(db_url: str) -> None:
     db = Database(db_url)
-    assert db.revision() == "0002"
+    assert db.revision() == "0003"
     with db.engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), schema.metadata)
     assert diff == []
     db.close()
-    assert Database(db_url).revision() == "0002"  # a second start migrates nothing
+    assert Database(db_url).revision() == "0003"  # a second start migrates nothing
 
 
 @pytest.mark.parametrize("target", ["sqlite", "postgresql"])
@@ -263,3 +269,84 @@ def test_counts_stay_exact_when_lines_finish_at_once(db_url: str, tmp_path: Path
         t.join()
     counted = store.batch(batch.id).request_counts
     assert (counted.completed, counted.failed) == (16, 8)
+
+
+# --- the tenants directory as rows ----------------------------------------------------------
+def tenant_directory(db: Database, **settings: object) -> TenantDirectory:
+    found = TenantDirectory(Settings(admin_api_keys=["root"], **settings), TenantRows(db))
+    found.load()
+    return found
+
+
+def test_two_replicas_changing_tenants_lose_nothing(db_url: str) -> None:
+    """Two replicas' directories on one database adding tenants and keys at once: every change
+    lands, each a revision, and the other replica sees them at its next poll."""
+
+    async def main() -> None:
+        a, b = tenant_directory(Database(db_url)), tenant_directory(Database(db_url))
+        await asyncio.gather(
+            *(a.create(Tenant(name=f"a{i}")) for i in range(6)),
+            *(b.create(Tenant(name=f"b{i}")) for i in range(6)),
+        )
+        _, plain = await a.add_key("b3", "user")
+        stored = TenantRows(Database(db_url)).load()
+        assert len(stored.tenants) == 12 and stored.revision == 13
+        assert b.authenticate(plain) is None  # not yet polled
+        b.settings = b.settings.model_copy(update={"registry_poll_s": 0.01})
+        b._checked = 0.0
+        b.refresh_if_due()
+        await b._refreshing
+        assert b.authenticate(plain).tenant.name == "b3"
+        await b.delete("a0")
+        with pytest.raises(ApiError) as missing:
+            await a.update("a0", base_model=False)  # reads the rows, not its own copy
+        assert missing.value.status == 404
+        assert "a0" not in TenantRows(Database(db_url)).load().tenants
+
+    asyncio.run(main())
+
+
+def test_a_failed_change_writes_nothing(db_url: str) -> None:
+    async def main() -> None:
+        directory = tenant_directory(Database(db_url))
+        await directory.create(Tenant(name="acme"))
+        with pytest.raises(ApiError) as taken:
+            await directory.create(Tenant(name="acme"))
+        assert taken.value.status == 409
+        assert TenantRows(Database(db_url)).load().revision == 1
+
+    asyncio.run(main())
+
+
+def test_a_tenants_document_is_imported_once(db_url: str, tmp_path: Path) -> None:
+    """The document an earlier release (or `tenants_document`) kept becomes rows at the first
+    start, its keys still work, and the local file is renamed so it is not read again."""
+
+    async def write_document() -> str:
+        settings = Settings(admin_api_keys=["root"], tenants_document=True,
+                            tenants_uri=str(tmp_path / "tenants.json"))  # fmt: skip
+        document = TenantDirectory(settings, TenantStore(settings.tenants_uri))
+        await document.create(Tenant(name="acme", adapters=["acme-*"]))
+        return (await document.add_key("acme", "admin"))[1]
+
+    plain = asyncio.run(write_document())
+    rows = TenantRows(Database(db_url))
+    assert rows.import_document(TenantStore(str(tmp_path / "tenants.json"))) == 1
+    assert not (tmp_path / "tenants.json").exists()
+    assert (tmp_path / "tenants.json.imported").is_file()
+    directory = tenant_directory(rows.db)
+    who = directory.authenticate(plain)
+    assert who.tenant.name == "acme" and who.admin
+    assert rows.import_document(TenantStore(str(tmp_path / "tenants.json"))) == 0
+
+
+def test_a_server_reads_tenants_from_rows_after_prepare(tmp_path: Path) -> None:
+    """Tenancy on the embedded default: the schema and the tenants come with ``prepare``."""
+    (tmp_path / "state").mkdir()
+    document = TenantStore(str(tmp_path / "state" / "tenants.json"))
+    document.save(TenantsState(revision=1, tenants={"acme": Tenant(name="acme")}))
+    tenancy = Tenancy(Settings(state_dir=tmp_path / "state", admin_api_keys=["root"]))
+    tenancy.prepare()
+    assert isinstance(tenancy.directory.store, TenantRows)
+    assert list(tenancy.directory.state.tenants) == ["acme"]
+    tenancy.storage.close()

@@ -278,8 +278,17 @@ class Settings(BaseSettings):
     tenants_uri: str | None = Field(
         None,
         description=(
-            "Where tenants and their hashed keys persist: a local path or an fsspec URL shared "
-            "by replicas (unset: `<state_dir>/tenants.json`). Manage with `loraswap tenants`."
+            "A tenants document (a local path or an fsspec URL; unset: "
+            "`<state_dir>/tenants.json`): imported once into the database's tenant rows, and a "
+            "local file renamed `*.imported`. With `tenants_document` the document is the "
+            "directory itself. Manage tenants with `loraswap tenants`."
+        ),
+    )
+    tenants_document: bool = Field(
+        False,
+        description=(
+            "Keep tenants in the document at `tenants_uri` instead of the database, as 0.1.0 "
+            "did (every change rewrites it; replicas retry on a conflicting write)."
         ),
     )
     auth_health_routes: bool = Field(False, description="Require an API key on /livez, /readyz.")

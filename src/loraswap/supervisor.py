@@ -52,7 +52,7 @@ class EngineSupervisor:
 
         started = time.monotonic()
         # The schema migrated and an older release's state imported before anything reads it.
-        await asyncio.to_thread(self.app.state.tenancy.storage.prepare)
+        await asyncio.to_thread(self.app.state.tenancy.prepare)
         await self._bring_up()
         logger.info(ready_banner(self.runtime, time.monotonic() - started))
         self._watch = asyncio.create_task(self._watch_engine(), name="engine supervisor")

@@ -125,3 +125,19 @@ adapters = Table(
     Column("deleted", Boolean, nullable=False),  # a tombstone, so other replicas see the delete
     Index("adapters_revision", "revision"),
 )
+
+# The tenants directory: one row per tenant (its keys' hashes inside), and the directory's
+# revision, bumped by every change under that row's lock.
+tenant_meta = Table(
+    "tenant_meta",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),  # one row: id 1
+    Column("revision", BigInteger, nullable=False),
+)
+
+tenants = Table(
+    "tenants",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("record", Text, nullable=False),  # the Tenant as JSON
+)

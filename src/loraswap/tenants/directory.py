@@ -1,9 +1,10 @@
-"""The tenants document and the key index built from it.
+"""The tenants directory and the key index built from it.
 
-One JSON document (``LORASWAP_TENANTS_URI``, a local path or an fsspec URL shared by replicas)
-holds every tenant with its hashed keys. Changes go through the admin API or the CLI and are
-written at once; replicas re-read it every ``registry_poll_s`` (a revoked key fails on the next
-request on the replica that revoked it, and within one poll interval on the others).
+Tenants and their hashed keys are rows in the database (:mod:`.rows`, shared by replicas), or,
+with ``tenants_document``, one JSON document (``tenants_uri``, a local path or an fsspec URL).
+Changes go through the admin API or the CLI and are written at once; replicas re-read every
+``registry_poll_s`` (a revoked key fails on the next request on the replica that revoked it,
+and within one poll interval on the others).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from ..documents import DocumentStore
 from ..errors import ApiError
 from .model import ApiKey, Limits, Tenant, TenantsState, hash_key, new_key
 from .principal import ANONYMOUS, DEFAULT_USER, GLOBAL_ADMIN, Principal
+from .rows import TenantRows
 
 logger = logging.getLogger(__name__)
 
@@ -39,11 +41,36 @@ class TenantStore(DocumentStore[TenantsState]):
             self.path.chmod(0o600)
         return saved
 
+    def exists(self) -> bool:
+        if self.local:
+            return self.path.is_file()
+        fs, path = self._fs()
+        return bool(fs.exists(path))
+
+    def newer(self, revision: int) -> TenantsState | None:
+        latest = self.load()
+        return None if latest.revision == revision else latest
+
+    def commit(
+        self, mutate: Callable[[TenantsState], Any], attempts: int = 8
+    ) -> tuple[TenantsState, Any]:
+        """Apply ``mutate`` to the latest document and write it if nobody wrote meanwhile
+        (compare-and-swap on ``revision``), else retry on the newer one."""
+        for _ in range(attempts):
+            latest = self.load()
+            state = latest.model_copy(deep=True)
+            result = mutate(state)
+            state.revision = latest.revision + 1
+            if self.save_if(state, latest.revision):
+                return state, result
+            time.sleep(random.uniform(0, 0.05))
+        raise ApiError(409, "the tenants document kept changing; retry the request")
+
 
 class TenantDirectory:
     """Authenticates keys and keeps the tenants document current."""
 
-    def __init__(self, settings: Settings, store: TenantStore | None = None) -> None:
+    def __init__(self, settings: Settings, store: TenantStore | TenantRows | None = None) -> None:
         self.settings = settings
         self.store = store or TenantStore(settings.tenants_uri, settings.fsspec_storage_options)
         self.state = TenantsState()
@@ -75,8 +102,8 @@ class TenantDirectory:
 
         async def refresh() -> None:
             try:
-                latest = await asyncio.to_thread(self.store.load)
-                if latest.revision != self.state.revision:
+                latest = await asyncio.to_thread(self.store.newer, self.state.revision)
+                if latest is not None:
                     self._adopt(latest)
             except Exception as exc:
                 logger.warning("cannot re-read tenants: %s", exc)
@@ -112,20 +139,13 @@ class TenantDirectory:
         return tenant
 
     # ----- changes -------------------------------------------------------------------------
-    async def _commit(self, mutate: Callable[[TenantsState], Any], attempts: int = 8) -> Any:
-        """Apply ``mutate`` to the latest document and write it if nobody wrote meanwhile
-        (compare-and-swap on ``revision``), else retry on the newer one."""
+    async def _commit(self, mutate: Callable[[TenantsState], Any]) -> Any:
+        """Apply ``mutate`` to the stored directory and write what it changed (a transaction
+        on the rows; compare-and-swap on a document); adopt the result."""
         async with self._lock:
-            for _ in range(attempts):
-                latest = await asyncio.to_thread(self.store.load)
-                state = latest.model_copy(deep=True)
-                result = mutate(state)
-                state.revision = latest.revision + 1
-                if await asyncio.to_thread(self.store.save_if, state, latest.revision):
-                    self._adopt(state)
-                    return result
-                await asyncio.sleep(random.uniform(0, 0.05))
-            raise ApiError(409, "the tenants document kept changing; retry the request")
+            state, result = await asyncio.to_thread(self.store.commit, mutate)
+            self._adopt(state)
+            return result
 
     async def create(self, tenant: Tenant) -> Tenant:
         if not self.admin_keys:  # else the first tenant would lock an open server for good
