@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import re
 import time
@@ -23,6 +24,9 @@ from .atomic import write_atomic
 
 Doc = TypeVar("Doc", bound=BaseModel)
 REVISION_HEAD = re.compile(rb'\s*\{\s*"revision"\s*:\s*(\d+)\s*[,}]')
+
+
+logger = logging.getLogger(__name__)
 
 
 class DocumentStore(Generic[Doc]):
@@ -45,6 +49,12 @@ class DocumentStore(Generic[Doc]):
 
         fs, _, paths = fsspec.get_fs_token_paths(self.uri, storage_options=self.storage_options)
         return fs, paths[0]
+
+    def exists(self) -> bool:
+        if self.local:
+            return self.path.is_file()
+        fs, path = self._fs()
+        return bool(fs.exists(path))
 
     def load(self) -> Doc:
         try:
@@ -175,3 +185,16 @@ _S3_CONFLICTS = {"PreconditionFailed", "ConditionalRequestConflict"}
 async def _s3_save_if(fs: Any, path: str, data: bytes, expected: int) -> bool:
     revision, condition = await _s3_read(fs, path)
     return revision == expected and await _s3_put(fs, path, data, condition)
+
+
+def retire(document: DocumentStore[Any], imported: str) -> None:
+    """After ``document`` was imported into the database: a local file is renamed
+    ``*.imported`` so nothing reads it again; a remote one stays for replicas of the older
+    release still reading it during a rollout. ``imported`` says what came in, for the log."""
+    where = document.uri
+    if document.local:
+        target = document.path.with_name(document.path.name + ".imported")
+        document.path.rename(target)
+        where = f"{document.path} (now {target.name})"
+    logger.info("imported %s from %s into the database; the document is no longer read",
+                imported, where)  # fmt: skip

@@ -11,20 +11,19 @@ replaces was read and rewritten whole by every change.
 from __future__ import annotations
 
 import asyncio
-import logging
 import random
 from collections.abc import Awaitable, Callable, ItemsView, Iterable, ValuesView
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, bindparam, select, update
 
+from ..documents import retire
 from ..storage import Database, Storage, schema
 from .catalog import AdapterRecord, Catalog, CatalogState, CatalogStore
 
 if TYPE_CHECKING:
     from ..config import Settings
 
-logger = logging.getLogger(__name__)
 META, ROWS = schema.catalog_meta, schema.adapters
 MUTATE_TIMEOUT_S = 60.0  # a mutation runs on the event loop while the transaction waits for it
 Changes = dict[str, AdapterRecord | None]  # name -> its record, None once deleted
@@ -217,7 +216,7 @@ class CatalogRows:
         with self.db.engine.connect() as conn:
             if self._stored(conn)[0]:
                 return 0
-        if not _exists(document):
+        if not document.exists():
             return 0
         state = document.load()
         with self.db.begin() as conn:
@@ -232,23 +231,8 @@ class CatalogRows:
                 ])  # fmt: skip
                 conn.execute(self._bump, {"new_revision": revision,
                                           "new_next_id": state.next_lora_id})  # fmt: skip
-        where = document.uri
-        if document.local:
-            target = document.path.with_name(document.path.name + ".imported")
-            document.path.rename(target)
-            where = f"{document.path} (now {target.name})"
-        logger.info("imported %d adapters from the registry document %s into the database; "
-                    "the document is no longer read", len(state.adapters), where)  # fmt: skip
+        retire(document, f"{len(state.adapters)} adapters")
         return len(state.adapters)
-
-
-def _exists(document: CatalogStore) -> bool:
-    if document.local:
-        return document.path.is_file()
-    from fsspec.core import url_to_fs
-
-    fs, path = url_to_fs(document.uri, **document.storage_options)
-    return bool(fs.exists(path))
 
 
 class RowCatalog(Catalog):

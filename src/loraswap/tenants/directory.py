@@ -41,12 +41,6 @@ class TenantStore(DocumentStore[TenantsState]):
             self.path.chmod(0o600)
         return saved
 
-    def exists(self) -> bool:
-        if self.local:
-            return self.path.is_file()
-        fs, path = self._fs()
-        return bool(fs.exists(path))
-
     def newer(self, revision: int) -> TenantsState | None:
         latest = self.load()
         return None if latest.revision == revision else latest

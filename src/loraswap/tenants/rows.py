@@ -9,16 +9,15 @@ rewritten whole by every change and retried on conflicts; it is imported once.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import Connection, delete, select, update
 
+from ..documents import retire
 from ..storage import Database, schema
 from .model import Tenant, TenantsState
 
-logger = logging.getLogger(__name__)
 META, ROWS = schema.tenant_meta, schema.tenants
 
 
@@ -100,12 +99,6 @@ class TenantRows:
             if stored.revision == 0:
                 stored.tenants = state.tenants
 
-        _, _ = self.commit(adopt)
-        where = document.uri
-        if document.local:
-            target = document.path.with_name(document.path.name + ".imported")
-            document.path.rename(target)
-            where = f"{document.path} (now {target.name})"
-        logger.info("imported %d tenants from the tenants document %s into the database; the "
-                    "document is no longer read", len(state.tenants), where)  # fmt: skip
+        self.commit(adopt)
+        retire(document, f"{len(state.tenants)} tenants")
         return len(state.tenants)
