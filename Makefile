@@ -18,7 +18,7 @@ CHROMIUM := /usr/bin/chromium
 export UV_FIND_LINKS ?= $(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
 
 
-.PHONY: install model serve test servers fleet fuzz lint lock docs build bento-version bench bench-many bench-report clean
+.PHONY: install model serve test servers fleet fuzz lint lock docs build bento-version bench bench-many bench-registration bench-report clean
 
 install: $(STAMP)
 
@@ -97,10 +97,14 @@ bench: model
 	$(PY) benchmarks/report.py
 
 # Many adapters: one hot adapter vs Zipf traffic over 100 and 1,000 (loraswap and plain vLLM).
-bench-many: model
+bench-many: bench-registration
 	$(UV) pip install --python $(PY) "matplotlib==3.11.2"
 	$(PY) benchmarks/many_adapters.py $(BENCH_ARGS)
 	$(PY) benchmarks/many_report.py
+
+# 1,000 adapters registered one by one on each catalogue store (the document, SQLite, PostgreSQL).
+bench-registration: model servers
+	$(PY) benchmarks/registration.py
 
 bench-report: $(STAMP)
 	$(PY) benchmarks/report.py $(BENCH_RESULT)
