@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import shlex
 from argparse import Namespace
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING
 
 from . import engine_fork, vllm_compat
@@ -81,6 +83,31 @@ def parse_engine_args(settings: Settings, model_path: str) -> Namespace:
     return args
 
 
+@asynccontextmanager
+async def engine_client(args: Namespace) -> AsyncIterator[EngineClient]:
+    """vLLM's ``build_async_engine_client``, with its two blocking steps (the engine config,
+    and AsyncLLM's start, which waits for the engine process) in a thread: built on the event
+    loop they held it for seconds, and health probes went unanswered while an engine started
+    or restarted. The output handler AsyncLLM starts when built on a loop starts here."""
+    engine_args = vllm_compat.AsyncEngineArgs.from_cli_args(args)
+    usage = vllm_compat.UsageContext.OPENAI_API_SERVER
+    config = await asyncio.to_thread(engine_args.create_engine_config, usage_context=usage)
+    engine = await asyncio.to_thread(
+        vllm_compat.AsyncLLM.from_vllm_config,
+        vllm_config=config,
+        usage_context=usage,
+        enable_log_requests=engine_args.enable_log_requests,
+        aggregate_engine_logging=engine_args.aggregate_engine_logging,
+        disable_log_stats=engine_args.disable_log_stats,
+    )
+    try:
+        engine._run_output_handler()
+        await engine.reset_mm_cache()
+        yield engine
+    finally:
+        await asyncio.to_thread(engine.shutdown, timeout=config.shutdown_timeout)
+
+
 def export_cpu_env(settings: Settings) -> None:
     """vLLM's CPU backend reads these from the environment of the engine processes."""
     if is_cpu_build():
@@ -112,9 +139,7 @@ class Engine:
         self.args = parse_engine_args(self.resolved, self.model_path)
         logger.info("starting vLLM engine for %s", self.model_path)
         engine_fork.install()
-        self.client = await self._stack.enter_async_context(
-            vllm_compat.build_async_engine_client(self.args)
-        )
+        self.client = await self._stack.enter_async_context(engine_client(self.args))
         started = engine_fork.started()
         if started is not None:
             self.choices["engine_process"] = Choice(started[0], "auto", started[1])
