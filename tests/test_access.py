@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import threading
 import time
 
 import httpx
@@ -249,6 +250,50 @@ def _batch_of(client: OpenAI, n: int):
     )
 
 
+class ProbeTimer:
+    """/livez and /readyz asked every 50 ms from a thread; the time each answer took."""
+
+    def __init__(self, url: str) -> None:
+        self.url, self.latencies, self.failures = url, [], []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> ProbeTimer:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=10) as http:
+            while not self._stop.is_set():
+                for path in ("/livez", "/readyz"):
+                    started = time.monotonic()
+                    try:
+                        code = http.get(self.url + path).status_code
+                    except httpx.HTTPError as exc:
+                        self.failures.append(f"{path}: {exc!r}")
+                        continue
+                    self.latencies.append(time.monotonic() - started)
+                    if path == "/livez" and code != 200:
+                        self.failures.append(f"/livez: {code}")
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def summary(self) -> str:
+        ordered = sorted(self.latencies)
+        p99 = ordered[int(0.99 * (len(ordered) - 1))] if ordered else float("nan")
+        return (
+            (
+                f"{len(ordered)} answers, p50 {ordered[len(ordered) // 2] * 1000:.0f} ms, "
+                f"p99 {p99 * 1000:.0f} ms, max {ordered[-1] * 1000:.0f} ms"
+            )
+            if ordered
+            else "none"
+        )
+
+
 def test_zz_engine_death_is_healed_without_a_person(locked):
     """Runs last in this module. SIGKILL the engine under load: requests get a 503 in the OpenAI
     shape (never a 500), liveness holds, the engine comes back by itself, /readyz turns 200,
@@ -262,6 +307,7 @@ def test_zz_engine_death_is_healed_without_a_person(locked):
     log_before = len(locked.log_path.read_text(errors="replace").splitlines())
     codes: list[int] = []
     bodies: list[dict] = []
+    probes = ProbeTimer(locked.url).start()  # what a kubelet sees while the engine heals
     killed = time.monotonic()
     locked.engine_core().send_signal(signal.SIGKILL)
     back_after = None
@@ -280,8 +326,13 @@ def test_zz_engine_death_is_healed_without_a_person(locked):
             back_after = time.monotonic() - killed
             break
         time.sleep(0.5)
+    probes.stop()
     assert back_after is not None, (codes[-5:], locked.log_tail())
     print(f"engine killed: unavailable for {back_after:.1f} s, {codes.count(503)} requests got 503")
+    print(f"probes during the restart: {probes.summary()}")
+    assert probes.latencies and probes.failures == [], probes.failures[:3]
+    # a kubelet's default probe timeout is 1 s: the engine's start must not hold the loop
+    assert max(probes.latencies) < 1.0, probes.summary()
     assert set(codes) <= {200, 503}, codes
     for body in bodies:
         assert body["error"]["type"] == "ServiceUnavailableError", body

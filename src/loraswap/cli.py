@@ -90,12 +90,14 @@ def cmd_info(ns: argparse.Namespace) -> int:
 
 
 def cmd_migrate(ns: argparse.Namespace) -> int:
-    """Bring the configured database to the newest schema (and import a 0.1.0 state directory),
-    as every replica does at start: run it before a rollout to migrate once, on purpose."""
-    from .storage import Storage
+    """Bring the configured database to the newest schema (and import a 0.1.0 state directory
+    and tenants document), as every replica does at start: run it before a rollout to migrate
+    once, on purpose."""
+    from .tenants import Tenancy
 
-    storage = Storage.from_settings(Settings())
-    storage.prepare()
+    tenancy = Tenancy(Settings())
+    tenancy.prepare()
+    storage = tenancy.storage
     print(f"{storage.db.engine.url.render_as_string(hide_password=True)}: schema revision "
           f"{storage.db.revision()}")  # fmt: skip
     storage.close()
