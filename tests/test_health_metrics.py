@@ -3,6 +3,28 @@
 from __future__ import annotations
 
 import httpx
+import pytest
+from openai import OpenAI
+
+from tests.conftest import server_env
+from tests.fleet import Replica
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, adapter_root, s3):
+    """A server of this module's own, with a BentoML home of its own (the base model by path):
+    /metrics reads BentoML's multiprocess directory in that home, which every later
+    ``bentoml serve`` on the same home empties, so a server shared across modules loses its
+    series from /metrics as soon as another module starts one."""
+    work = tmp_path_factory.mktemp("metrics")
+    srv = Replica(work, server_env(adapter_root, work, s3)).start()
+    yield srv
+    assert not srv.stop(), "processes left after SIGTERM"
+
+
+@pytest.fixture(scope="module")
+def client(server) -> OpenAI:
+    return OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
 def test_livez_and_readyz(server):
