@@ -313,8 +313,7 @@ def test_zz_engine_death_is_healed_without_a_person(locked):
     back_after = None
     alive = set()
     while time.monotonic() - killed < 300:
-        # The engine's start blocks the server's event loop for a few seconds: requests then
-        # wait instead of failing, hence the generous timeouts.
+        # generous timeouts: a loaded machine may be slow, the answer must still be 200 or 503
         resp = httpx.post(f"{locked.url}/v1/chat/completions", json=CHAT, headers=auth(API_KEY),
                           timeout=120)  # fmt: skip
         codes.append(resp.status_code)

@@ -70,3 +70,19 @@ def test_requests_are_counted_until_their_last_byte_and_probes_not_at_all():
     assert seen == [("/v1/chat/completions", 1), ("/readyz", 0), ("/livez", 0), ("/metrics", 0),
                     ("/generate_stream", 1)]  # fmt: skip
     assert drain.inflight == 0
+
+
+def test_a_hand_back_that_hangs_does_not_hold_the_stop():
+    done = []
+
+    async def main() -> None:
+        drain = Drain(drain_s=0.3, notice_s=0)
+
+        async def stuck() -> None:
+            await asyncio.sleep(3600)
+
+        started = time.monotonic()
+        await drain.run(stuck, lambda: done.append(time.monotonic() - started))
+
+    asyncio.run(main())
+    assert len(done) == 1 and done[0] < 2.0

@@ -58,16 +58,20 @@ class Drain:
         self._task = asyncio.create_task(self.run(before_wait, done), name="drain")
 
     async def run(self, before_wait: Hook, done: Callable[[], None]) -> None:
+        """Not ready at once; ``before_wait`` beside the wait for requests in flight; all of
+        it within ``drain_s`` (after ``notice_s`` at least), then ``done``."""
         started = time.monotonic()
         self.draining = True
         logger.info("SIGTERM: draining (not ready; %d requests in flight)", self.inflight)
-        try:
-            await before_wait()
-        except Exception:
-            logger.exception("handing batch jobs back failed; their leases expire instead")
+        handing = asyncio.create_task(before_wait())
         await asyncio.sleep(max(0.0, self.notice_s - (time.monotonic() - started)))
         while self.inflight and time.monotonic() - started < self.drain_s:
             await asyncio.sleep(0.05)
+        left = max(0.0, self.drain_s - (time.monotonic() - started))
+        try:
+            await asyncio.wait_for(handing, timeout=max(left, 1.0))
+        except Exception:  # a timeout too: the leases expire instead, and another replica resumes
+            logger.exception("handing batch jobs back failed; their leases expire instead")
         if self.inflight:
             logger.warning("drain: %d requests still in flight after %.0f s; stopping",
                            self.inflight, self.drain_s)  # fmt: skip
