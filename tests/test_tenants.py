@@ -215,7 +215,9 @@ def test_each_limit_answers_429_with_retry_after_and_recovers(tenanted, world):
     over = call(tenanted, "POST", "/v1/chat/completions", key,
                 json=request_for("/v1/chat/completions", BASE_MODEL))  # fmt: skip
     assert over.status_code == 429 and "tokens per minute" in over.json()["error"]["message"]
-    assert 1 <= int(over.headers["retry-after"]) <= 60
+    # the sliding window counter: this minute's rest, then last minute's share falling off
+    # (up to two minutes when this minute's count is over the budget)
+    assert 1 <= int(over.headers["retry-after"]) <= 120
     # another tenant is not affected
     assert (
         call(
