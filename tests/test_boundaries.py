@@ -7,23 +7,13 @@ import io
 import json
 import time
 
-import httpx
 import pytest
 
 from loraswap.routes import ROUTES
 from tests.conftest import METRICS_TOKEN, ROOT_KEY, SHIPPED
 from tests.listeners import victim
 from tests.test_access import request_for
-
-
-def call(srv, method: str, path: str, key: str | None, **kwargs) -> httpx.Response:
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    return httpx.request(method, srv.url + path, headers=headers, timeout=120, **kwargs)
-
-
-def ok(response: httpx.Response) -> dict:
-    assert response.status_code < 300, response.text
-    return response.json()
+from tests.test_tenants import call, ok
 
 
 @pytest.fixture(scope="module")

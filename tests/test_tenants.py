@@ -20,8 +20,8 @@ from tests.conftest import BASE_MODEL, ROOT_KEY
 from tests.test_access import request_for
 
 
-def call(srv, method: str, path: str, key: str, **kwargs) -> httpx.Response:
-    headers = {"Authorization": f"Bearer {key}"}
+def call(srv, method: str, path: str, key: str | None, **kwargs) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     return httpx.request(method, srv.url + path, headers=headers, timeout=120, **kwargs)
 
 

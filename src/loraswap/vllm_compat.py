@@ -18,7 +18,6 @@ TESTED_VLLM = ("0.32",)
 
 NAMES: dict[str, str] = {
     # engine lifecycle
-    "build_async_engine_client": "vllm.entrypoints.launchers.api_server.entry",
     "AsyncEngineArgs": "vllm.engine.arg_utils",
     "AsyncLLM": "vllm.v1.engine.async_llm",
     "UsageContext": "vllm.usage.usage_lib",
