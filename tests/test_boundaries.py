@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import re
+import subprocess
+import sys
 import time
 
 import pytest
@@ -12,6 +16,7 @@ import pytest
 from loraswap.routes import ROUTES
 from tests.conftest import METRICS_TOKEN, ROOT_KEY, SHIPPED
 from tests.listeners import victim
+from tests.server import ROOT
 from tests.test_access import request_for
 from tests.test_tenants import call, ok
 
@@ -159,3 +164,20 @@ def test_metrics_answer_to_the_scrape_token_and_global_keys_only(tenanted, keys)
     assert by_path.status_code == 200 and "vllm:num_requests_waiting" in by_path.text
     assert "south-lora" in text
     assert METRICS_TOKEN not in tenanted.log_path.read_text(), "the token in the path is logged"
+
+
+def test_readme_sources_block_runs_as_written(tenanted):
+    """The README's sources block, with the loraswap CLI, against this server's tenant globex."""
+    readme = (ROOT / "README.md").read_text()
+    marker = r"<!-- example: run by tests/test_boundaries.py[^>]*-->\n\s*```bash\n(.*?)```"
+    block = re.search(marker, readme, re.S)
+    assert block, "the README's sources block is gone"
+    ok(call(tenanted, "POST", "/admin/tenants", ROOT_KEY, json={"name": "globex"}))
+    env = {**os.environ, "BENTOML_PORT": str(tenanted.port), "LORASWAP_ADMIN_API_KEY": ROOT_KEY,
+           "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}  # fmt: skip
+    done = subprocess.run(["bash", "-c", "set -euo pipefail\n" + block[1]], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "s3://models/tenants/globex/" in done.stdout, done.stdout  # the first set took
+    tenant = ok(call(tenanted, "GET", "/admin/tenants/globex", ROOT_KEY))
+    assert not tenant.get("sources"), tenant  # the block ends back at tenant_default

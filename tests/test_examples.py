@@ -20,7 +20,7 @@ import pytest
 from tests.server import ROOT
 
 BLOCK = re.compile(
-    r"(?:<!-- example: (?:not run \((?P<why>[^)]+)\)|run by (?P<by>\S+)[^>]*) -->\n)?"
+    r"(?:<!-- example: (?:not run \((?P<why>[^)]+)\)|run by (?P<by>\S+)[^>]*) -->\n[ \t]*)?"
     r"```(?P<lang>bash|python|js)\n(?P<code>.*?)```",
     re.S,
 )
