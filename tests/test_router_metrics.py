@@ -102,11 +102,15 @@ def test_renamed_stats_carry_both_names_and_leave_vllms_untouched():
     assert VIEW.renamed(empty, 2) is empty
 
 
-def test_wrapped_record_gives_vllm_the_renamed_stats(monkeypatch, caplog):
+def test_wrapped_record_gives_vllm_the_renamed_stats(caplog):
     res = residency_for(FakeCatalog({"uppercase": "v1"}), U1)
     assert VIEW.residency is res
     seen: list[Stats] = []
-    record = lora_metric_names.wrap(lambda self, stats, *a, **kw: seen.append(stats))
+
+    def vllms_record(self, stats, *args, **kwargs):
+        seen.append(stats)
+
+    record = lora_metric_names.wrap(vllms_record, VIEW.renamed)
     logger_with_lora = SimpleNamespace(gauge_lora_info=object(), max_lora=4)
     stats = Stats({"uppercase@v1": 1}, {})
     record(logger_with_lora, stats, None, mm_cache_stats=None, engine_idx=0)
@@ -117,7 +121,7 @@ def test_wrapped_record_gives_vllm_the_renamed_stats(monkeypatch, caplog):
     def broken(*_):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(VIEW, "renamed", broken)
+    record = lora_metric_names.wrap(vllms_record, broken)
     with caplog.at_level(logging.WARNING):
         record(logger_with_lora, stats, None)
         record(logger_with_lora, stats, None)
@@ -240,15 +244,15 @@ def test_patch_switch_and_version_guard(monkeypatch):
     vllms = PrometheusStatLogger.record
     try:
         monkeypatch.setenv(lora_metric_names.ENV_VAR, "0")
-        assert not lora_metric_names.ensure_installed()
+        assert not lora_metric_names.ensure_installed(VIEW.renamed)
         monkeypatch.delenv(lora_metric_names.ENV_VAR)
         monkeypatch.setattr(vllm, "__version__", "0.99.1")
-        assert not lora_metric_names.ensure_installed()
+        assert not lora_metric_names.ensure_installed(VIEW.renamed)
         assert PrometheusStatLogger.record is vllms
         monkeypatch.setattr(vllm, "__version__", "0.32.0+cpu")
-        assert lora_metric_names.ensure_installed()
+        assert lora_metric_names.ensure_installed(VIEW.renamed)
         assert PrometheusStatLogger.record.__wrapped__ is vllms
-        assert lora_metric_names.ensure_installed()  # once
+        assert lora_metric_names.ensure_installed(VIEW.renamed)  # once
         assert PrometheusStatLogger.record.__wrapped__ is vllms
     finally:
         lora_metric_names.uninstall()

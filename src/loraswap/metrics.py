@@ -83,10 +83,7 @@ labels_of = AdapterLabels()
 
 
 def set_resident(key: Any, resident: bool) -> None:
-    """1/0 for a version with its own series; the count of resident ones in ``other``. The
-    router's residency series (:mod:`.router_metrics`) follow."""
-    from .router_metrics import VIEW
-
+    """1/0 for a version with its own series; the count of resident ones in ``other``."""
     labels = labels_of(key)
     gauge = RESIDENT.labels(*labels)
     if labels != OTHER:
@@ -95,7 +92,6 @@ def set_resident(key: Any, resident: bool) -> None:
         gauge.inc()
     else:
         gauge.dec()
-    VIEW.resident_changed(key, resident)
 
 
 def split_key(key: str) -> tuple[str, str]:

@@ -9,9 +9,19 @@ from typing import TYPE_CHECKING
 from fastapi import FastAPI
 
 from . import errors, vllm_compat
+from .adapters.router import router as adapters_router
+from .batches import router as batches_router
+from .batches.runner import replica_id
 from .config import Settings
+from .console.router import router as console_router
+from .info import build_router as info_router
+from .native.router import router as native_router
 from .pipeline import PipelineMiddleware, VllmHandlers
 from .routes import VLLM_PATHS
+from .runtime import unavailable_reason
+from .shadows.router import router as shadows_router
+from .tenants import Tenancy
+from .tenants.router import router as tenants_router
 
 if TYPE_CHECKING:
     from argparse import Namespace
@@ -25,16 +35,6 @@ def create_app(settings: Settings) -> FastAPI:
     """vLLM's routes carry their own ``/v1`` prefix. Nothing here imports vLLM: the BentoML CLI
     imports the service before it starts the worker, and vLLM would cost it ~12 s of the start;
     vLLM's routes and exception handlers join in :func:`attach_engine`."""
-    from .adapters.router import router as adapters_router
-    from .batches import router as batches_router
-    from .batches.runner import replica_id
-    from .console.router import router as console_router
-    from .info import build_router as info_router
-    from .native.router import router as native_router
-    from .shadows.router import router as shadows_router
-    from .tenants import Tenancy
-    from .tenants.router import router as tenants_router
-
     app = FastAPI(
         title="loraswap OpenAI-compatible API",
         docs_url="/v1/docs",
@@ -53,7 +53,9 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(shadows_router)
     app.include_router(console_router)
     app.add_middleware(
-        PipelineMiddleware, pipeline_of=lambda: _pipeline(app), unavailable=lambda: _reason(app)
+        PipelineMiddleware,
+        pipeline_of=lambda: _pipeline(app),
+        unavailable=lambda: unavailable_reason(app),
     )
     return app
 
@@ -74,12 +76,6 @@ def keep_listed_vllm_routes(app: FastAPI, ours: list) -> None:
     app.openapi_schema = None
     if dropped:
         logger.info("vLLM routes not served (not in the route table): %s", sorted(dropped))
-
-
-def _reason(app: FastAPI) -> str:
-    from .runtime import unavailable_reason
-
-    return unavailable_reason(app)
 
 
 def _pipeline(app: FastAPI):

@@ -7,7 +7,7 @@ alias (``uppercase``), so the router would find no replica with the adapter. Her
 
 - :meth:`RouterView.renamed` gives vLLM's stat logger the running and waiting adapters under
   every name a request may use: the alias while it points at that version, and
-  ``name@version`` (:mod:`loraswap.vllm_plugin.lora_metric_names` calls it);
+  ``name@version`` (:mod:`loraswap.vllm_plugin.lora_metric_names` is given it to call);
 - ``vllm:lora_adapter_loaded{adapter_name, level, pinned}`` (the residency series proposed
   upstream, vllm-project/vllm#45411) is 1 for each adapter loaded in the engine's memory, so an
   idle loaded adapter is visible too: ``level="gpu"`` for one in an engine slot (pinned, or among
@@ -30,13 +30,11 @@ import os
 import sys
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, Protocol
 
+from . import metrics
 from .adapters.keys import AdapterKey
-
-if TYPE_CHECKING:
-    from .adapters.residency import Residency
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +49,14 @@ POLL_S = 1.0  # alias and pin changes on an idle engine show within this
 # Snapshot files in PROMETHEUS_MULTIPROC_DIR: "live" so the collector tolerates one vanishing
 # mid-read; no "_" after the mode (the collector splits the file name on it).
 FILE_PREFIX = "gauge_livemax_loraswap-{tag}-"
+
+
+class Residency(Protocol):
+    """What the series read of :class:`loraswap.adapters.residency.Residency` (described here,
+    not imported: residency reports its changes to this module)."""
+
+    lru: Mapping[AdapterKey, None]  # loaded in the engine, least recently used first
+    pinned: Callable[[], set[AdapterKey]]
 
 
 def parse_key(text: str) -> AdapterKey | None:
@@ -190,7 +196,7 @@ class RouterView:
         if "vllm.v1.metrics.loggers" in sys.modules:  # vLLM's stat loggers run in this process
             from .vllm_plugin import lora_metric_names
 
-            lora_metric_names.ensure_installed()
+            lora_metric_names.ensure_installed(self.renamed)
             self.start_polling()
         self.refresh()
 
@@ -257,8 +263,6 @@ class RouterView:
         residency = self.residency
         if residency is None:
             return {}
-        from . import metrics
-
         pinned = residency.pinned()
         loaded = list(residency.lru)  # least recently used first
         in_slot = [k for k in loaded if k in pinned]  # the engine pins them in a slot
@@ -287,6 +291,11 @@ VIEW = RouterView(SnapshotGauge(LOADED, LOADED_HELP, LOADED_LABELS))
 
 def watch(residency: Residency) -> None:
     VIEW.watch(residency)
+
+
+def resident_changed(key: Any, resident: bool) -> None:
+    """An adapter version entered or left the engine's memory."""
+    VIEW.resident_changed(key, resident)
 
 
 def refresh() -> None:

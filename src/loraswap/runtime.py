@@ -1,7 +1,8 @@
-"""The typed runtime built once when the engine is up, shared by every route.
+"""The typed runtime shared by every route, built once the engine is up (by :mod:`.assembly`).
 
 Routes reach the engine, the pipeline, the adapter registry and the batch runner through
-:func:`runtime_of` instead of reading loose attributes of ``app.state``.
+:func:`runtime_of` instead of reading loose attributes of ``app.state``. This module only gives
+access to that state, so every route may import it.
 """
 
 from __future__ import annotations
@@ -9,18 +10,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from . import metrics
 from .config import Settings
 from .errors import ApiError
 from .machine import Choice
-from .pipeline import RequestPipeline, VllmHandlers, guard_engine
+from .pipeline import RequestPipeline, VllmHandlers
 
 if TYPE_CHECKING:
     from vllm.engine.protocol import EngineClient
 
     from .adapters.registry import AdapterRegistry
     from .batches.runner import BatchRunner
-    from .engine import Engine
 
 
 @dataclass
@@ -48,68 +47,6 @@ class Runtime:
             await self.pipeline.shadows.close()
         if self.registry is not None:
             await self.registry.close()
-
-
-async def build_runtime(app: Any, settings: Settings, engine: Engine) -> Runtime:
-    """Wire a started engine to vLLM's serving layer, the pipeline, adapters and batches."""
-    from .adapters.registry import AdapterRegistry
-    from .adapters.residency import VllmAdapterEngine
-    from .adapters.validation import BaseModelShapes
-    from .audit import AuditLog
-    from .batches import BatchRunner, BatchStore
-    from .config import quiet_vllm_client_errors
-    from .engine import is_cpu_build
-    from .openai_api import attach_engine
-
-    settings = engine.resolved  # ``auto`` values (dtype, slots, host tier) as chosen at start
-    storage = app.state.tenancy.storage
-    quiet_vllm_client_errors()
-    metrics.labels_of.limit = settings.metrics_adapter_series
-    client = engine.client
-    guard_engine(client, settings, app.state.tenancy)  # before vLLM's serving layer gets it
-    handlers = await attach_engine(app, client, engine.args)
-    pipeline = RequestPipeline(settings, handlers=handlers, tenancy=app.state.tenancy)
-    runtime = Runtime(
-        settings, client, handlers, pipeline, choices=engine.choices, cpu_build=is_cpu_build(),
-        model_path=engine.model_path,
-    )  # fmt: skip
-    if settings.enable_lora:
-        from .vllm_plugin import staging
-
-        staged = getattr(engine.args, "worker_extension_cls", "") == staging.QUALNAME
-        slots = VllmAdapterEngine(client, handlers.models, settings.served_model_name, staged)
-        shapes = BaseModelShapes.from_checkpoint(engine.model_path)
-        host = engine.choices.get("adapter_host_bytes")
-        registry = AdapterRegistry(
-            settings, shapes, slots, AuditLog(storage.db),
-            host_bytes=host.value if host else None, db=storage.db,
-        )  # fmt: skip
-        await registry.restore()
-        if settings.preload_adapters and settings.adapter_roots:
-            await registry.preload(settings.adapter_roots[0])
-        runtime.registry = pipeline.registry = registry
-        pipeline.shadows = start_shadows(pipeline, settings, storage.db)
-    runtime.batches = BatchRunner(
-        pipeline,
-        BatchStore(storage),
-        settings.batch_concurrency,
-        settings.batch_idle_concurrency,
-        principal_of=app.state.tenancy.principal_of,
-        replica=app.state.replica,
-        lease_s=settings.batch_lease_s,
-        poll_s=settings.batch_poll_s,
-    )
-    runtime.batches.start_polling()
-    return runtime
-
-
-def start_shadows(pipeline: RequestPipeline, settings: Settings, db: Any) -> Any:
-    from .shadows.runner import ShadowRunner
-    from .shadows.store import ComparisonStore
-
-    store = ComparisonStore(db, settings.shadow_retention_days, settings.shadow_max_records)
-    store.prune()
-    return ShadowRunner(pipeline, store, settings.shadow_concurrency, settings.shadow_queue_size)
 
 
 def runtime_of(conn: Any) -> Runtime:

@@ -15,9 +15,10 @@ import time
 from types import SimpleNamespace
 from typing import Any
 
+from .assembly import build_runtime
 from .config import Settings
 from .engine import Engine
-from .runtime import Runtime, build_runtime
+from .runtime import Runtime
 
 logger = logging.getLogger(__name__)
 

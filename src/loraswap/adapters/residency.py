@@ -26,6 +26,12 @@ logger = logging.getLogger(__name__)
 EVICTION_WINDOW = 4
 
 
+def _set_resident(key: AdapterKey, resident: bool) -> None:
+    """The Prometheus gauge and the router's residency series follow a load or an unload."""
+    metrics.set_resident(key, resident)
+    router_metrics.resident_changed(key, resident)
+
+
 class AdapterEngine(Protocol):
     """What residency needs of the engine and its serving layer."""
 
@@ -139,7 +145,7 @@ class Residency:
         if loaded:
             self.lru.pop(key)
             self.loaded_bytes -= res.bytes if res else 0
-            metrics.set_resident(key, False)
+            _set_resident(key, False)
             with contextlib.suppress(Exception):
                 await self.engine.unload(key)
         self.engine.withdraw(key)
@@ -213,7 +219,7 @@ class Residency:
         self.loaded_bytes += res.bytes
         metrics.LOAD_SECONDS.observe(res.load_seconds)
         metrics.LOADS.labels(*metrics.labels_of(key)).inc()
-        metrics.set_resident(key, True)
+        _set_resident(key, True)
         logger.info("loaded adapter %s in %.3fs", key, res.load_seconds)
 
     def _full(self, incoming: int) -> bool:
@@ -258,7 +264,7 @@ class Residency:
         if res is not None:
             res.loaded_at = None
             self.loaded_bytes -= res.bytes
-        metrics.set_resident(key, False)
+        _set_resident(key, False)
         logger.info("evicted adapter %s", key)
 
     async def pin(self, key: AdapterKey) -> None:

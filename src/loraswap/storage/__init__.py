@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from .database import Database
 from .files import FileBytes
+from .legacy import import_state_dir
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -43,10 +44,8 @@ class Storage:
 
     def prepare(self) -> None:
         """Migrate the schema and bring in a state directory of an older release (blocking)."""
-        from .legacy import import_state_dir
-
         _ = self.db.engine
-        import_state_dir(self)
+        import_state_dir(self.db, self.files, self.state_dir)
 
     def close(self) -> None:
         self.db.close()

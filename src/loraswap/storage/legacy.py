@@ -15,10 +15,11 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select, text
 
-from . import schema
+from .schema import audit, batch_results, batches, comparisons, files, usage
 
 if TYPE_CHECKING:
-    from . import Storage
+    from .database import Database
+    from .files import FileBytes
 
 logger = logging.getLogger(__name__)
 OLD_FILES = ("batches.sqlite", "audit.sqlite", "usage.sqlite", "shadows.sqlite")
@@ -35,57 +36,60 @@ def _rows(path: Path, query: str) -> list[sqlite3.Row]:
         db.close()
 
 
-def _batches(storage: Storage, path: Path) -> dict[Any, list[dict[str, Any]]]:
+def _batches(file_bytes: FileBytes, path: Path) -> dict[Any, list[dict[str, Any]]]:
     owners = {r["id"]: r["owner"] for r in _rows(path, "SELECT id, owner FROM owners")}
-    files = [dict(r) | {"owner": owners.get(r["id"])} for r in _rows(path, "SELECT * FROM files")]
-    batches = []
+    file_rows = [dict(r) | {"owner": owners.get(r["id"])}
+                 for r in _rows(path, "SELECT * FROM files")]  # fmt: skip
+    batch_rows = []
     for row in _rows(path, "SELECT id, body FROM batches"):
         body = json.loads(row["body"])
-        batches.append({"id": row["id"], "body": row["body"], "status": body.get("status", ""),
-                        "created_at": int(body.get("created_at") or 0),
-                        "owner": owners.get(row["id"])})  # fmt: skip
-    results = [
+        batch_rows.append({"id": row["id"], "body": row["body"],
+                           "status": body.get("status", ""),
+                           "created_at": int(body.get("created_at") or 0),
+                           "owner": owners.get(row["id"])})  # fmt: skip
+    result_rows = [
         {"batch_id": r["batch_id"], "line": r["line"], "ok": bool(r["ok"]), "output": r["output"]}
         for r in _rows(path, "SELECT * FROM results")
     ]
     old_dir = path.parent / "files"
-    if storage.files.local and storage.files.root.resolve() == old_dir.resolve():
-        return {schema.files: files, schema.batches: batches, schema.batch_results: results}
-    for f in files:  # the bytes go first: a row is visible only with its bytes in place
+    tables = {files: file_rows, batches: batch_rows, batch_results: result_rows}
+    if file_bytes.local and file_bytes.root.resolve() == old_dir.resolve():
+        return tables
+    for f in file_rows:  # the bytes go first: a row is visible only with its bytes in place
         source = old_dir / f["id"]
         if source.exists():
-            storage.files.put(f["id"], source.read_bytes())
-    return {schema.files: files, schema.batches: batches, schema.batch_results: results}
+            file_bytes.put(f["id"], source.read_bytes())
+    return tables
 
 
-def _tables(storage: Storage, path: Path) -> dict[Any, list[dict[str, Any]]]:
+def _tables(file_bytes: FileBytes, path: Path) -> dict[Any, list[dict[str, Any]]]:
     name = path.name
     if name == "batches.sqlite":
-        return _batches(storage, path)
+        return _batches(file_bytes, path)
     if name == "audit.sqlite":
-        return {schema.audit: [dict(r) for r in _rows(path, "SELECT * FROM audit")]}
+        return {audit: [dict(r) for r in _rows(path, "SELECT * FROM audit")]}
     if name == "usage.sqlite":
-        return {schema.usage: [dict(r) for r in _rows(path, "SELECT * FROM usage")]}
+        return {usage: [dict(r) for r in _rows(path, "SELECT * FROM usage")]}
     rows = [dict(r) | {"identical": bool(r["identical"])}
             for r in _rows(path, "SELECT * FROM comparisons")]  # fmt: skip
-    return {schema.comparisons: rows}
+    return {comparisons: rows}
 
 
-def import_state_dir(storage: Storage) -> list[str]:
-    """Import every old SQLite file in the state directory; the names imported."""
+def import_state_dir(db: Database, file_bytes: FileBytes, state_dir: Path) -> list[str]:
+    """Import every old SQLite file in ``state_dir``; the names imported. Given a storage's
+    parts rather than the :class:`~loraswap.storage.Storage`: that package imports this one."""
     done = []
     for name in OLD_FILES:
-        path = storage.state_dir / name
+        path = state_dir / name
         if not path.exists():
             continue
-        tables = _tables(storage, path)
-        db = storage.db
+        tables = _tables(file_bytes, path)
         with db.begin() as conn:
             for table, rows in tables.items():
                 if rows:
                     conn.execute(db.insert(table).on_conflict_do_nothing(), rows)
             if not db.sqlite:
-                for table in (schema.audit, schema.comparisons):  # ids were kept: move sequences
+                for table in (audit, comparisons):  # ids were kept: move sequences
                     top = conn.execute(select(func.max(table.c.id))).scalar()
                     if top:
                         conn.execute(text(f"SELECT setval(pg_get_serial_sequence('{table.name}', "

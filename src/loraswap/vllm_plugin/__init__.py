@@ -17,19 +17,20 @@ package imports neither torch nor vLLM; :func:`apply` does.
 A third patch, ``LORASWAP_ROUTER_LORA_NAMES`` (:mod:`.lora_metric_names`: adapters in
 ``vllm:lora_requests_info`` under the names requests use), is not a general plugin's: only the
 API process has the adapter registry, so :mod:`loraswap.router_metrics` installs it there, with
-the same switch convention and version guard (:func:`supported`).
+the same switch convention and version guard (:mod:`.guard`, which the patches import rather
+than this package).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
-from loraswap.vllm_plugin import lora_index_fix, lora_kernels
+from . import lora_index_fix, lora_kernels
+from .guard import ORIGINALS, enabled, patch_name, supported, vllm_version
 
 # A child of vLLM's "vllm" logger: vLLM gives that one a handler in its EngineCore and worker
 # processes, where the root logger usually has none and a plain module logger would be silent.
@@ -54,46 +55,10 @@ HOMES: dict[str, tuple[str, ...]] = {
 # In order of preference: the kernels include the fix, so the fix alone is the fallback.
 PATCHES: tuple[ModuleType, ...] = (lora_kernels, lora_index_fix)
 
-# The unpatched vLLM functions by name, filled by apply() (kept for tests and for undoing).
-ORIGINALS: dict[str, Callable[..., Any]] = {}
 # Module names whose namespace apply() rewrote, for logs and tests.
 PATCHED_MODULES: list[str] = []
 # The patch in effect ("lora_kernels" or "lora_index_fix"), empty when vLLM is unpatched.
 APPLIED: list[str] = []
-
-
-def patch_name(patch: ModuleType) -> str:
-    return patch.__name__.rsplit(".", 1)[-1]
-
-
-def _enabled(env_var: str) -> bool:
-    return os.environ.get(env_var, "1").strip().lower() not in {"0", "false", "no", "off"}
-
-
-def vllm_version() -> str:
-    import importlib
-
-    return str(importlib.import_module("vllm").__version__)
-
-
-def supported(patch: ModuleType, version: str) -> bool:
-    """Whether ``patch`` was written for this vLLM version; one warning if not.
-
-    A local label (``0.32.0+cpu``) names a build of the same release, so it is ignored.
-    """
-    if version.split("+", 1)[0] in patch.WRITTEN_FOR:
-        return True
-    logger.warning(
-        "loraswap: NOT applying the %s patch: written for vLLM %s, this is vLLM %s (check "
-        "it against this version and add the version to %s.WRITTEN_FOR, or set %s=0 to go "
-        "without it)",
-        patch_name(patch),
-        ", ".join(patch.WRITTEN_FOR),
-        version,
-        patch.__name__,
-        patch.ENV_VAR,
-    )
-    return False
 
 
 def _rebind(swap: dict[int, Callable[..., Any]]) -> list[str]:
@@ -127,7 +92,7 @@ def apply() -> None:
         if APPLIED[0] == patch_name(lora_kernels) and lora_kernels.compile_asked():
             lora_kernels.compile_with_lora()  # asked for after the first apply in this process
         return
-    wanted = [p for p in PATCHES if _enabled(p.ENV_VAR)] if _enabled(LEGACY_ENV_VAR) else []
+    wanted = [p for p in PATCHES if enabled(p.ENV_VAR)] if enabled(LEGACY_ENV_VAR) else []
     if not wanted:
         logger.debug("loraswap: LoRA patches switched off: vLLM torch LoRA ops left unpatched")
         return

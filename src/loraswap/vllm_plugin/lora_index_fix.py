@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from .guard import ORIGINALS
 from .sgmv import sgmv_ops
 
 if TYPE_CHECKING:
@@ -121,8 +122,6 @@ def lora_device(base_layer: Any) -> torch.device:
     import itertools
 
     import torch
-
-    from loraswap.vllm_plugin import ORIGINALS  # the package imports this module
 
     if getattr(base_layer, "weight", False) is None:
         tensor = next(itertools.chain(base_layer.parameters(), base_layer.buffers()), None)

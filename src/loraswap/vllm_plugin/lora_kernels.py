@@ -25,7 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from . import row_kernel
+import loraswap.vllm_plugin.row_kernel as row_kernel  # not through the package: it imports us
+
 from .lora_index_fix import lora_device, write_expanded
 from .sgmv import sgmv_ops
 
