@@ -260,6 +260,13 @@ def test_kubernetes_manifests_validate():
     sleep = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
     grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     assert grace >= sleep + float(env["LORASWAP_DRAIN_S"]) + 10
+    # a new pod loads the compiled model from the shared cache instead of compiling it
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    [cache] = [n for n, path in mounts.items() if path == env["LORASWAP_COMPILE_CACHE_DIR"]]
+    claim = volumes[cache]["persistentVolumeClaim"]["claimName"]
+    [pvc] = [d for d in documents if d["kind"] == "PersistentVolumeClaim"]
+    assert pvc["metadata"]["name"] == claim and "ReadWriteMany" in pvc["spec"]["accessModes"]
 
 
 def test_inference_pool_validates_against_the_vendored_crd():

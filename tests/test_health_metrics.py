@@ -64,6 +64,13 @@ def test_log_has_one_line_per_event_and_a_ready_banner(server):
     assert events and max(events.values()) == 1, events
     assert sum("loraswap ready in" in m for m in messages) == 1
     assert f"at http://localhost:{server.port}" in log and "try: curl" in log
+    phases = re.search(r"ready in (\d+) s .*\n  start: (.*)", log)
+    assert phases, "the ready banner names no start phases"
+    named = dict(part.rsplit(" ", 2)[:2] for part in phases[2].split("; "))
+    assert {"bentoml serve until the worker", "worker import and set-up", "database",
+            "vLLM import and engine choices", "engine (process, weights, warm-up)",
+            "routes and adapters"} == set(named), named  # fmt: skip
+    assert abs(sum(map(float, named.values())) - int(phases[1])) <= 1, phases[0]
     access = [m for m in messages if "path=/generate," in m]
     assert len(access) >= 10 and all("trace=" in m for m in access)
 

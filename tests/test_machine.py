@@ -170,3 +170,23 @@ def test_loraswap_info_imports_neither_vllm_nor_torch():
                           timeout=120)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_shared_compile_cache_has_a_directory_per_cpu_kind(tmp_path: Path, monkeypatch):
+    """Replicas on one CPU kind share compiled kernels; another kind (or the same kind with
+    other instruction-set flags) never loads them, whatever VLLM_CACHE_ROOT was inherited."""
+    from loraswap import engine
+
+    monkeypatch.setenv("VLLM_CACHE_ROOT", "/inherited")
+    engine.use_compile_cache(Settings(_env_file=None))
+    assert os.environ["VLLM_CACHE_ROOT"] == "/inherited"  # unset: vLLM's as it was
+    engine.use_compile_cache(Settings(_env_file=None, compile_cache_dir=tmp_path))
+    here = Path(os.environ["VLLM_CACHE_ROOT"])
+    assert here.parent == tmp_path and here.name.startswith(read_cpu().kind + "-")
+    families = set()
+    for flags in ({"avx2"}, {"avx2", "avx512f"}, {"avx2", "avx512f", "avx512_bf16"},
+                  {"avx2", "avx512f", "avx512_vnni"}):  # fmt: skip
+        caps = CpuCaps(arch="x86_64", flags=frozenset(flags), model="test", cores=2)
+        monkeypatch.setattr(engine, "read_cpu", lambda caps=caps: caps)
+        families.add(engine.compile_cache_family())
+    assert len(families) == 4, families  # same kind, other flags: another directory

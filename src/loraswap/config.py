@@ -105,6 +105,16 @@ class Settings(BaseSettings):
             "load it (+~5 s). `false` for eager."
         ),
     )
+    compile_cache_dir: Path | None = Field(
+        None,
+        description=(
+            "CPU: a directory replicas share for the compiled model (a volume): the engine "
+            "uses `<dir>/<CPU kind>-<feature hash>` as `VLLM_CACHE_ROOT`, so a pod loads what "
+            "another pod of its CPU kind compiled, and never kernels built for another CPU's "
+            "instructions (vLLM's cache key does not include them). Unset: `VLLM_CACHE_ROOT` or "
+            "vLLM's default."
+        ),
+    )
     lora_row_kernel: bool = Field(
         True,
         description=(

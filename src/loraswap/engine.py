@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import shlex
@@ -13,11 +14,13 @@ from typing import TYPE_CHECKING
 
 from . import engine_fork, vllm_compat
 from .config import Settings
-from .machine import Choice, engine_choices
+from .machine import Choice, engine_choices, read_cpu
 from .vllm_plugin import staging
 
 if TYPE_CHECKING:
     from vllm.engine.protocol import EngineClient
+
+    from .startup import StartPhases
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +111,22 @@ async def engine_client(args: Namespace) -> AsyncIterator[EngineClient]:
         await asyncio.to_thread(engine.shutdown, timeout=config.shutdown_timeout)
 
 
+def use_compile_cache(settings: Settings) -> None:
+    """Point vLLM's cache at this CPU's family in ``compile_cache_dir`` (when set), before the
+    fork server or any engine process reads it; it wins over an inherited ``VLLM_CACHE_ROOT``."""
+    if settings.compile_cache_dir is not None:
+        family = settings.compile_cache_dir / compile_cache_family()
+        os.environ["VLLM_CACHE_ROOT"] = str(family)
+
+
+def compile_cache_family() -> str:
+    """This CPU's kind and a hash of its instruction-set flags: compiled kernels fit exactly
+    the CPUs with the same flags."""
+    caps = read_cpu()
+    flags = ",".join(caps.fingerprint()["flags"])
+    return f"{caps.kind}-{hashlib.sha256(flags.encode()).hexdigest()[:8]}"
+
+
 def export_cpu_env(settings: Settings) -> None:
     """vLLM's CPU backend reads these from the environment of the engine processes."""
     if is_cpu_build():
@@ -127,9 +146,26 @@ class Engine:
         self.client: EngineClient | None = None
         self._stack = AsyncExitStack()
 
-    async def start(self) -> EngineClient:
+    async def start(self, phases: StartPhases | None = None) -> EngineClient:
+        use_compile_cache(self.settings)
         if self.settings.warm_engine_start:
             engine_fork.start_server(self.settings.cpu_engine_env())
+        is_cpu_build()  # imports vLLM, on the event loop's thread: once per process
+        await asyncio.to_thread(self._configure)  # probes keep answering (engine restarts)
+        if phases is not None:
+            phases.mark("vLLM import and engine choices")
+        logger.info("starting vLLM engine for %s", self.model_path)
+        engine_fork.install()
+        self.client = await self._stack.enter_async_context(engine_client(self.args))
+        started = engine_fork.started()
+        if started is not None:
+            self.choices["engine_process"] = Choice(started[0], "auto", started[1])
+        if phases is not None:
+            phases.mark("engine (process, weights, warm-up)")
+        return self.client
+
+    def _configure(self) -> None:
+        """This machine's choices for the ``auto`` settings and vLLM's arguments from them."""
         export_cpu_env(self.settings)
         vllm_compat.check_version()
         self.choices = engine_choices(self.settings, is_cpu_build(), self.model_path)
@@ -137,13 +173,6 @@ class Engine:
             logger.info("engine %s = %s (%s)", name, choice.value, choice.reason)
         self.resolved = with_choices(self.settings, self.choices)
         self.args = parse_engine_args(self.resolved, self.model_path)
-        logger.info("starting vLLM engine for %s", self.model_path)
-        engine_fork.install()
-        self.client = await self._stack.enter_async_context(engine_client(self.args))
-        started = engine_fork.started()
-        if started is not None:
-            self.choices["engine_process"] = Choice(started[0], "auto", started[1])
-        return self.client
 
     async def stop(self) -> None:
         """Shut the engine processes down; safe to call twice."""

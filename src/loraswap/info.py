@@ -6,12 +6,15 @@ from __future__ import annotations
 import os
 import re
 from importlib import metadata
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
 
 from .config import Settings
 from .machine import Choice, describe, engine_choices
+
+if TYPE_CHECKING:
+    from .startup import StartPhases
 
 SECRET_FIELDS = {"api_keys", "admin_api_keys", "fsspec_storage_options", "metrics_token"}
 # user:password@ in a URL setting (database_url, limits_uri, ...)
@@ -217,8 +220,9 @@ def listen_url() -> str:
     return f"http://{host}:{port}"
 
 
-def ready_banner(runtime: Any, started_s: float, url: str | None = None) -> str:
-    """One log event when the server first turns ready: where, what it serves, what to try."""
+def ready_banner(runtime: Any, phases: StartPhases, url: str | None = None) -> str:
+    """One log event when the server first turns ready: where, what it serves, what to try,
+    and where the start went."""
     url = url or listen_url()
     state = runtime.registry.catalog.state if runtime.registry else None
     adapters = [entry["name"] for entry in adapter_entries(state)]
@@ -228,7 +232,8 @@ def ready_banner(runtime: Any, started_s: float, url: str | None = None) -> str:
         '"messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 32}'
     )
     return "\n".join([
-        f"loraswap ready in {started_s:.0f} s at {url} (OpenAPI: {url}/docs)",
+        f"loraswap ready in {phases.total():.0f} s at {url} (OpenAPI: {url}/docs)",
+        f"  start: {phases.describe()}",
         f"  base model: {runtime.base_name}; adapters: {', '.join(adapters) or 'none'}",
         f"  try: curl {url}/v1/chat/completions{key} -H 'Content-Type: application/json' "
         f"-d '{body}'",

@@ -18,7 +18,9 @@ from typing import Any
 from .assembly import build_runtime
 from .config import Settings
 from .engine import Engine
+from .info import ready_banner
 from .runtime import Runtime
+from .startup import StartPhases
 
 logger = logging.getLogger(__name__)
 
@@ -49,13 +51,13 @@ class EngineSupervisor:
         return self.runtime is None and not self.failed
 
     async def start(self) -> None:
-        from .info import ready_banner
-
-        started = time.monotonic()
+        phases = StartPhases()
+        phases.begin()
         # The schema migrated and an older release's state imported before anything reads it.
         await asyncio.to_thread(self.app.state.tenancy.prepare)
-        await self._bring_up()
-        logger.info(ready_banner(self.runtime, time.monotonic() - started))
+        phases.mark("database")
+        await self._bring_up(phases)
+        logger.info(ready_banner(self.runtime, phases))
         self._watch = asyncio.create_task(self._watch_engine(), name="engine supervisor")
 
     async def stop(self) -> None:
@@ -72,13 +74,15 @@ class EngineSupervisor:
         if self.runtime is not None and self.runtime.batches is not None:
             await self.runtime.batches.hand_back()
 
-    async def _bring_up(self) -> None:
-        await self.engine.start()
+    async def _bring_up(self, phases: StartPhases | None = None) -> None:
+        await self.engine.start(phases)
         # vLLM's engine-error handler reads app.state.server (its uvicorn server, which it tells
         # to exit); here the supervisor restarts the engine, so a stand-in is enough.
         self.app.state.server = SimpleNamespace(should_exit=False)
         self.runtime = await build_runtime(self.app, self.settings, self.engine)
         self.app.state.runtime = self.runtime
+        if phases is not None:
+            phases.mark("routes and adapters")
 
     async def _take_down(self) -> None:
         runtime, self.runtime = self.runtime, None
