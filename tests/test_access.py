@@ -281,9 +281,12 @@ class ProbeTimer:
         self._stop.set()
         self._thread.join(timeout=30)
 
-    def summary(self) -> str:
+    def p99(self) -> float:
         ordered = sorted(self.latencies)
-        p99 = ordered[int(0.99 * (len(ordered) - 1))] if ordered else float("nan")
+        return ordered[int(0.99 * (len(ordered) - 1))] if ordered else float("nan")
+
+    def summary(self) -> str:
+        ordered, p99 = sorted(self.latencies), self.p99()
         return (
             (
                 f"{len(ordered)} answers, p50 {ordered[len(ordered) // 2] * 1000:.0f} ms, "
@@ -330,8 +333,10 @@ def test_zz_engine_death_is_healed_without_a_person(locked):
     print(f"engine killed: unavailable for {back_after:.1f} s, {codes.count(503)} requests got 503")
     print(f"probes during the restart: {probes.summary()}")
     assert probes.latencies and probes.failures == [], probes.failures[:3]
-    # a kubelet's default probe timeout is 1 s: the engine's start must not hold the loop
+    # a kubelet's default probe timeout is 1 s: the engine's start must not hold the loop;
+    # and the target, 100 ms at the 99th percentile with a batch job running (43 ms measured)
     assert max(probes.latencies) < 1.0, probes.summary()
+    assert probes.p99() <= 0.1, probes.summary()
     assert set(codes) <= {200, 503}, codes
     for body in bodies:
         assert body["error"]["type"] == "ServiceUnavailableError", body

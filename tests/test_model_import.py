@@ -146,3 +146,23 @@ def test_service_reference_kinds(tmp_path):
     hub = base_model_reference("meta-llama/Llama-3.1-8B-Instruct", "abc123")
     assert isinstance(hub, bentoml.models.HuggingFaceModel) and hub.revision == "abc123"
     assert base_model_reference(str(tmp_path)) == str(tmp_path.resolve())
+
+
+def test_an_unchanged_file_is_not_read_again(tmp_path, monkeypatch):
+    """The content hash is remembered by path, size, inode and mtime: a warm start skips reading
+    the model; a change to any of them reads it again."""
+    from loraswap import model_import
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    weights = tmp_path / "model.gguf"
+    weights.write_bytes(b"a" * 1000)
+    reads = []
+    real = model_import.read_hash
+    monkeypatch.setattr(model_import, "read_hash", lambda *a: reads.append(1) or real(*a))
+    first = model_import.hash_files([weights])
+    assert model_import.hash_files([weights]) == first and len(reads) == 1
+    weights.write_bytes(b"b" * 1000)  # same size, new bytes and mtime
+    os.utime(weights, ns=(1, 1))
+    second = model_import.hash_files([weights])
+    assert second != first and len(reads) == 2
+    assert json.loads(model_import.hash_cache_path().read_text())  # written where it says

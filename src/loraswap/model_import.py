@@ -8,10 +8,12 @@ content hash of the source and the dtype, so importing the same source again is 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
 import logging
+import os
 import re
 import shutil
 import tempfile
@@ -23,6 +25,7 @@ from pathlib import Path
 import bentoml
 from bentoml.exceptions import NotFound
 
+from .atomic import write_atomic
 from .config import DEFAULT_MODEL_NAME
 from .quantize import SCHEMES, quantize_checkpoint
 
@@ -107,10 +110,39 @@ def default_name(source: Source) -> str:
     return name or "base-model"
 
 
+def hash_cache_path() -> Path:
+    return (
+        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        / "loraswap"
+        / ("content-hashes.json")
+    )
+
+
 def hash_files(
     files: list[Path], root: Path | None = None, progress: Progress | None = None
 ) -> str:
-    """sha256 over the relative names and bytes of ``files``."""
+    """sha256 over the relative names and bytes of ``files``; remembered by each file's path,
+    size, inode and modification time, so an unchanged model is not read again at every start."""
+    stats = [(f, f.stat()) for f in sorted(files)]
+    key = json.dumps([[str(f.relative_to(root) if root else f.name), str(f.resolve()),
+                       st.st_size, st.st_ino, st.st_mtime_ns] for f, st in stats])  # fmt: skip
+    cache = hash_cache_path()
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if isinstance(known, dict) and isinstance(known.get(key), str):
+        return known[key]
+    content = read_hash(files, root, progress)
+    with contextlib.suppress(OSError):  # a read-only home only costs the next start a read
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        known = known if isinstance(known, dict) else {}
+        kept = dict(list(known.items())[-63:]) | {key: content}  # the latest 64 sources
+        write_atomic(cache, json.dumps(kept).encode())
+    return content
+
+
+def read_hash(files: list[Path], root: Path | None, progress: Progress | None) -> str:
     digest = hashlib.sha256()
     for file in sorted(files):
         digest.update(str(file.relative_to(root) if root else file.name).encode())
