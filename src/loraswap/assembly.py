@@ -4,6 +4,7 @@ that reach them through :mod:`.runtime`, need not know each other."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from . import metrics
@@ -15,7 +16,7 @@ from .batches import BatchRunner, BatchStore
 from .config import Settings, quiet_vllm_client_errors
 from .engine import Engine, is_cpu_build
 from .openai_api import attach_engine
-from .pipeline import RequestPipeline, guard_engine
+from .pipeline import RequestPipeline, VllmHandlers, guard_engine
 from .runtime import Runtime
 from .shadows.runner import ShadowRunner
 from .shadows.store import ComparisonStore
@@ -23,7 +24,9 @@ from .vllm_plugin import staging
 
 
 async def build_runtime(app: Any, settings: Settings, engine: Engine) -> Runtime:
-    """Wire a started engine to vLLM's serving layer, the pipeline, adapters and batches."""
+    """Wire a started engine to vLLM's serving layer, the pipeline, adapters and batches. Each
+    part gets what it uses when it is made; only the pipeline and the shadow runner need each
+    other (a shadow is a request the pipeline runs), so the runner joins the pipeline last."""
     settings = engine.resolved  # ``auto`` values (dtype, slots, host tier) as chosen at start
     storage = app.state.tenancy.storage
     quiet_vllm_client_errors()
@@ -31,26 +34,11 @@ async def build_runtime(app: Any, settings: Settings, engine: Engine) -> Runtime
     client = engine.client
     guard_engine(client, settings, app.state.tenancy)  # before vLLM's serving layer gets it
     handlers = await attach_engine(app, client, engine.args)
-    pipeline = RequestPipeline(settings, handlers=handlers, tenancy=app.state.tenancy)
-    runtime = Runtime(
-        settings, client, handlers, pipeline, choices=engine.choices, cpu_build=is_cpu_build(),
-        model_path=engine.model_path,
-    )  # fmt: skip
-    if settings.enable_lora:
-        staged = getattr(engine.args, "worker_extension_cls", "") == staging.QUALNAME
-        slots = VllmAdapterEngine(client, handlers.models, settings.served_model_name, staged)
-        shapes = BaseModelShapes.from_checkpoint(engine.model_path)
-        host = engine.choices.get("adapter_host_bytes")
-        registry = AdapterRegistry(
-            settings, shapes, slots, AuditLog(storage.db),
-            host_bytes=host.value if host else None, db=storage.db,
-        )  # fmt: skip
-        await registry.restore()
-        if settings.preload_adapters and settings.adapter_roots:
-            await registry.preload(settings.adapter_roots[0])
-        runtime.registry = pipeline.registry = registry
-        pipeline.shadows = start_shadows(pipeline, settings, storage.db)
-    runtime.batches = BatchRunner(
+    registry = await build_registry(settings, engine, handlers, storage.db)
+    pipeline = RequestPipeline(settings, registry, handlers, app.state.tenancy)
+    if registry is not None:
+        pipeline.shadows = await start_shadows(pipeline, settings, storage.db)
+    batches = BatchRunner(
         pipeline,
         BatchStore(storage),
         settings.batch_concurrency,
@@ -60,11 +48,33 @@ async def build_runtime(app: Any, settings: Settings, engine: Engine) -> Runtime
         lease_s=settings.batch_lease_s,
         poll_s=settings.batch_poll_s,
     )
-    runtime.batches.start_polling()
-    return runtime
+    batches.start_polling()
+    return Runtime(
+        settings, client, handlers, pipeline, registry, batches, choices=engine.choices,
+        cpu_build=is_cpu_build(), model_path=engine.model_path,
+    )  # fmt: skip
 
 
-def start_shadows(pipeline: RequestPipeline, settings: Settings, db: Any) -> ShadowRunner:
+async def build_registry(
+    settings: Settings, engine: Engine, handlers: VllmHandlers, db: Any
+) -> AdapterRegistry | None:
+    """The adapter registry on this engine, restored from the catalogue (None: LoRA off)."""
+    if not settings.enable_lora:
+        return None
+    staged = getattr(engine.args, "worker_extension_cls", "") == staging.QUALNAME
+    slots = VllmAdapterEngine(engine.client, handlers.models, settings.served_model_name, staged)
+    shapes = await asyncio.to_thread(BaseModelShapes.from_checkpoint, engine.model_path)
+    host = engine.choices.get("adapter_host_bytes")
+    registry = AdapterRegistry(
+        settings, shapes, slots, AuditLog(db), host_bytes=host.value if host else None, db=db
+    )
+    await registry.restore()
+    if settings.preload_adapters and settings.adapter_roots:
+        await registry.preload(settings.adapter_roots[0])
+    return registry
+
+
+async def start_shadows(pipeline: RequestPipeline, settings: Settings, db: Any) -> ShadowRunner:
     store = ComparisonStore(db, settings.shadow_retention_days, settings.shadow_max_records)
-    store.prune()
+    await asyncio.to_thread(store.prune)
     return ShadowRunner(pipeline, store, settings.shadow_concurrency, settings.shadow_queue_size)
