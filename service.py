@@ -7,9 +7,10 @@ from pathlib import Path
 import bentoml
 
 from loraswap.access import AccessMiddleware
-from loraswap.config import configure_logging, get_settings
+from loraswap.config import get_settings
 from loraswap.drain import Drain, DrainMiddleware
 from loraswap.engine import Engine
+from loraswap.log_setup import configure_logging
 from loraswap.model_import import base_model_reference, resolved_model_path
 from loraswap.openai_api import create_app
 from loraswap.supervisor import EngineSupervisor

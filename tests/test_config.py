@@ -91,7 +91,7 @@ def test_readme_configuration_table_is_in_step():
 def test_repeated_errors_are_rate_limited_in_the_log():
     import logging
 
-    from loraswap.config import RepeatFilter
+    from loraswap.log_setup import RepeatFilter
 
     repeats = RepeatFilter(window_s=60)
 
@@ -111,7 +111,7 @@ def test_repeated_tracebacks_are_logged_once_per_window():
     import logging
     import sys
 
-    from loraswap.config import RepeatedTracebacks
+    from loraswap.log_setup import RepeatedTracebacks
 
     def failure(message: str) -> logging.LogRecord:
         try:

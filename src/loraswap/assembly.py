@@ -13,8 +13,9 @@ from .adapters.residency import VllmAdapterEngine
 from .adapters.validation import BaseModelShapes
 from .audit import AuditLog
 from .batches import BatchRunner, BatchStore
-from .config import Settings, quiet_vllm_client_errors
+from .config import Settings
 from .engine import Engine, is_cpu_build
+from .log_setup import quiet_vllm_client_errors
 from .openai_api import attach_engine
 from .pipeline import RequestPipeline, VllmHandlers, guard_engine
 from .runtime import Runtime
