@@ -111,11 +111,8 @@ def default_name(source: Source) -> str:
 
 
 def hash_cache_path() -> Path:
-    return (
-        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-        / "loraswap"
-        / ("content-hashes.json")
-    )
+    cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache_home / "loraswap" / "content-hashes.json"
 
 
 def hash_files(
@@ -131,12 +128,13 @@ def hash_files(
         known = json.loads(cache.read_text())
     except (OSError, ValueError):
         known = {}
-    if isinstance(known, dict) and isinstance(known.get(key), str):
+    if not isinstance(known, dict):
+        known = {}
+    if isinstance(known.get(key), str):
         return known[key]
     content = read_hash(files, root, progress)
     with contextlib.suppress(OSError):  # a read-only home only costs the next start a read
         cache.parent.mkdir(parents=True, exist_ok=True)
-        known = known if isinstance(known, dict) else {}
         kept = dict(list(known.items())[-63:]) | {key: content}  # the latest 64 sources
         write_atomic(cache, json.dumps(kept).encode())
     return content
