@@ -20,7 +20,7 @@ import vllm.lora.ops.torch_ops as torch_ops_pkg
 import vllm.lora.ops.torch_ops.lora_ops as lora_ops
 
 from loraswap import vllm_plugin
-from loraswap.vllm_plugin import lora_index_fix, lora_kernels, row_kernel
+from loraswap.vllm_plugin import guard, lora_index_fix, lora_kernels, row_kernel
 
 N_SLOTS = 3  # max_loras; slot N_SLOTS - 1 is what index -1 wrongly reads
 HIDDEN, RANK, OUT = 16, 4, 12
@@ -481,6 +481,24 @@ def test_by_default_the_kernels_win(plugin_log: pytest.LogCaptureFixture):
     assert_installed(lora_kernels)
     assert "vllm.lora.punica_wrapper.punica_cpu" in vllm_plugin.PATCHED_MODULES
     assert "applied the lora_kernels patch" in plugin_log.text
+
+
+def test_the_api_process_gets_only_the_engine_configuration_part(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """loraswap's API process runs no model: its LoRA ops stay vLLM's (and their modules
+    unimported there), while the engine it configures is still compiled with LoRA on."""
+    before = upstream()
+    compiled: list[bool] = []
+    monkeypatch.setattr(lora_kernels, "compile_with_lora", lambda: compiled.append(True))
+    monkeypatch.setenv(lora_kernels.COMPILE_ENV, "1")
+    guard.mark_api_process()
+    try:
+        vllm_plugin.apply()
+    finally:
+        guard.API_PROCESS.clear()
+    assert installed() == before and not vllm_plugin.APPLIED
+    assert compiled == [True]
 
 
 def test_switch_index_fix_only(monkeypatch: pytest.MonkeyPatch):

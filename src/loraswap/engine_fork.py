@@ -25,6 +25,7 @@ import multiprocessing
 import multiprocessing.forkserver
 import os
 import signal
+import threading
 from multiprocessing.context import SpawnProcess
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ PRELOAD = "loraswap.engine_preload"
 # Read by the loader or at import time: must be the same in the fork server as in the parent.
 STARTUP_ENV_PREFIXES = (
     "LD_", "OMP_", "KMP_", "GOMP_", "MKL_", "TORCHINDUCTOR_", "TORCH_", "PYTHON", "NUMEXPR_",
-    "VLLM_CPU_", "VLLM_TARGET_DEVICE",
+    "VLLM_CPU_", "VLLM_TARGET_DEVICE", "THP_",
 )  # fmt: skip
 # Read when used, not at start or import (torch sets its cache dir as it goes).
 LAZY_ENV = ("TORCHINDUCTOR_CACHE_DIR",)
@@ -60,6 +61,8 @@ _server_env: dict[str, str] | None = None
 _installed: list[Any] = []
 # How the latest engine process started and why (the engine's choices: shown by GET /info).
 _started: list[tuple[str, str]] = []
+# Set once an engine process has been started through here (forked or spawned).
+process_started = threading.Event()
 
 
 def cpu_build() -> bool:
@@ -168,6 +171,7 @@ class EngineProcess(SpawnProcess):
         reason = forkable()
         _started[:] = [("forked", "from the warm fork server") if reason is None
                        else ("spawned", reason)]  # fmt: skip
+        process_started.set()
         if reason is None:
             from multiprocessing.popen_forkserver import Popen
 

@@ -28,3 +28,6 @@ for name in MODULES:
         importlib.import_module(name)
 with contextlib.suppress(Exception):  # built here, not in each engine start (~0.3 s)
     importlib.import_module("loraswap.vllm_plugin.row_kernel").kernel()
+with contextlib.suppress(Exception):  # part of the compiled model's cache key (~0.3 s: it
+    # hashes the installed Triton's files); cached per process, so forked engines inherit it
+    importlib.import_module("torch._inductor.codecache").CacheBase.get_system()

@@ -7,6 +7,7 @@ import vLLM.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 from typing import Any
@@ -48,6 +49,32 @@ NAMES: dict[str, str] = {
     "RequestOutputKind": "vllm.sampling_params",
     "LoRARequest": "vllm.lora.request",
 }
+
+
+# What vLLM's route registration and serving state import when they first run (inside the
+# functions): imported ahead (:func:`import_serving_layer`) while the engine process starts.
+SERVING_MODULES = (
+    *sorted({module for module in NAMES.values() if module.startswith("vllm.entrypoints")}),
+    "vllm.entrypoints.serve.instrumentator",
+    "vllm.entrypoints.serve.lora.api_router",
+    "vllm.entrypoints.serve.profile.api_router",
+    "vllm.entrypoints.serve.tokenize.api_router",
+    "vllm.entrypoints.serve.sagemaker.api_router",
+    "vllm.entrypoints.serve.elastic_ep.api_router",
+    "vllm.entrypoints.openai.models.api_router",
+    "vllm.entrypoints.generate.api_router",
+    "vllm.entrypoints.generate.structured_decisions.api_router",
+    "vllm.entrypoints.scale_out.factories",
+    "vllm.parser.metrics",
+)
+
+
+def import_serving_layer() -> None:
+    """Import :data:`SERVING_MODULES` (0.6 s on 2 cores), each once; one that fails here is
+    left to fail where vLLM imports it, with vLLM's own error."""
+    for module in SERVING_MODULES:
+        with contextlib.suppress(Exception):
+            importlib.import_module(module)
 
 
 def __getattr__(name: str) -> Any:

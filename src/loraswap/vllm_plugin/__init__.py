@@ -1,8 +1,9 @@
 """loraswap's vLLM plugin: :func:`apply` is a ``vllm.general_plugins`` entry point.
 
 vLLM runs general plugins in the API process, the EngineCore process and every worker, so the
-patches reach the processes that actually run the model. Two patches, each behind a switch
-(on unless set to 0/false/no/off):
+patches reach the processes that actually run the model (in loraswap's API process, marked by
+:func:`.guard.mark_api_process`, only the part for the engine's configuration). Two patches,
+each behind a switch (on unless set to 0/false/no/off):
 
 - ``LORASWAP_LORA_INDEX_FIX`` (:mod:`.lora_index_fix`): upstream's torch LoRA ops with index -1
   meaning "no adapter" (vLLM reads it as the last slot). The fix upstream should merge.
@@ -14,7 +15,10 @@ off. A patch lists the vLLM versions it was written for (``WRITTEN_FOR``) and re
 warning, to touch any other version: vLLM's ops may have changed under it. Importing this
 package imports neither torch nor vLLM; :func:`apply` does.
 
-A third patch, ``LORASWAP_ROUTER_LORA_NAMES`` (:mod:`.lora_metric_names`: adapters in
+``LORASWAP_SHORT_WARMUP`` (:mod:`.warmup`) is independent of those: the CPU engine's compile
+warm-up runs a few tokens instead of a full step's (a faster start).
+
+A fourth patch, ``LORASWAP_ROUTER_LORA_NAMES`` (:mod:`.lora_metric_names`: adapters in
 ``vllm:lora_requests_info`` under the names requests use), is not a general plugin's: only the
 API process has the adapter registry, so :mod:`loraswap.router_metrics` installs it there, with
 the same switch convention and version guard (:mod:`.guard`, which the patches import rather
@@ -29,8 +33,8 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
-from . import lora_index_fix, lora_kernels
-from .guard import ORIGINALS, enabled, patch_name, supported, vllm_version
+from . import lora_index_fix, lora_kernels, warmup
+from .guard import API_PROCESS, ORIGINALS, enabled, patch_name, supported, vllm_version
 
 # A child of vLLM's "vllm" logger: vLLM gives that one a handler in its EngineCore and worker
 # processes, where the root logger usually has none and a plain module logger would be silent.
@@ -88,6 +92,7 @@ def apply() -> None:
     global is one of the original functions is rebound. Modules imported later pick up the
     replacements from ``vllm.lora.ops.torch_ops``. Safe to call more than once.
     """
+    warmup.install()
     if APPLIED:
         if APPLIED[0] == patch_name(lora_kernels) and lora_kernels.compile_asked():
             lora_kernels.compile_with_lora()  # asked for after the first apply in this process
@@ -99,6 +104,10 @@ def apply() -> None:
     version = vllm_version()
     patch = next((p for p in wanted if supported(p, version)), None)
     if patch is None:
+        return
+    if API_PROCESS:  # no model runs here: only the engine's configuration is made here
+        if patch is lora_kernels and lora_kernels.compile_asked():
+            lora_kernels.compile_with_lora()
         return
 
     import importlib
