@@ -28,7 +28,8 @@ def test_hub_source_goes_through_snapshot_download(tmp_path, base_shapes, monkey
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     cache = tmp_path / "cache"
     got = materialize("hf://acme/lora-x@v2", name="x", version="v1", roots=[], cache_dir=cache)
-    assert got.kind == "hf" and got.path == cache / "x" / "v1"
+    assert got.kind == "hf" and got.path.parent == cache / "x"
+    assert got.path.name.startswith("v1-"), "cached by name, version and source"
     assert (got.path / "adapter_model.safetensors").is_file()
     assert calls[0]["repo_id"] == "acme/lora-x" and calls[0]["revision"] == "v2"
     assert "adapter_config.json" in calls[0]["allow_patterns"]

@@ -136,6 +136,38 @@ def test_a_tenant_key_finds_no_other_tenant_name_on_any_get_route(tenanted, keys
     assert all(name in seen_by_root for name in ("walk-south", "south-lora")), "walk finds nothing"
 
 
+# Routes that take a name in the path or the query; {adapter} and {tenant} are filled with
+# south's (foreign to north) and with names that do not exist (north's own pattern for the
+# adapter). The last four answer the global admin differently for south's: they reach it.
+NAME_PROBES = ["/admin/comparisons?adapter={adapter}", "/admin/usage?tenant={tenant}",
+               "/admin/audit?adapter={adapter}", "/v1/models?after={adapter}",
+               "/admin/adapters/{adapter}", "/v1/models/{adapter}"]  # fmt: skip
+
+
+def test_a_tenant_key_probing_foreign_names_gets_the_answer_for_missing_ones(tenanted, keys):
+    """Another tenant's adapter or tenant name in a query parameter or a path answers a tenant's
+    key exactly as a name that does not exist (the same status and body, the name it sent
+    echoed at most), and names nothing else of the other tenant."""
+    foreign = {"adapter": "south-lora", "tenant": "walk-south"}
+    missing = {"adapter": "north-missing", "tenant": "walk-nowhere"}
+
+    def answer(probe: str, names: dict[str, str], key: str) -> tuple[int, str]:
+        resp = call(tenanted, "GET", probe.format(**names), key)
+        text = resp.text
+        for field, value in names.items():
+            text = text.replace(value, f"<{field}>")
+        return resp.status_code, text
+
+    for probe in NAME_PROBES:
+        for key in (keys["north-user"], keys["north-admin"]):
+            status, text = answer(probe, foreign, key)
+            assert (status, text) == answer(probe, missing, key), (probe, status, text[:500])
+            leaked = [n for n in ("walk-south", "south-lora", keys["south-file"]) if n in text]
+            assert not leaked, (probe, leaked, text[:500])
+    for probe in NAME_PROBES[2:]:  # the probes reach south's objects: the global admin's differ
+        assert answer(probe, foreign, ROOT_KEY) != answer(probe, missing, ROOT_KEY), probe
+
+
 def test_info_shows_a_key_its_models_and_the_server_to_global_admins(tenanted, keys):
     north = ok(call(tenanted, "GET", "/info", keys["north-admin"]))
     assert set(north) == {"base_model", "adapters", "versions"}

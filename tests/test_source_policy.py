@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from loraswap.adapters.sources import materialize
 from loraswap.adapters.validation import AdapterInvalid
 from loraswap.config import Settings
-from loraswap.source_policy import SourcePolicy, SourceRefused
+from loraswap.source_policy import Caller, SourcePolicy, SourceRefused
 from loraswap.tenants.model import Tenant
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -171,8 +171,49 @@ def test_http_sources_name_their_host():
         assert not allowed(policy, source), source
     with pytest.raises(ValidationError, match="name a host"):
         SourcePolicy(allow=["https://"])
-    assert policy.reaches("https://models.example.com/cdn/x?sig=1")
-    assert not policy.reaches("https://cdn.example.com/x")
+
+
+def test_a_redirect_is_checked_as_its_source_was_for_the_same_caller():
+    """Issue 27's redirect: every hop passes the registration check of the source's caller,
+    path included, never the union of what some key may use. The query is not checked."""
+    policy = SourcePolicy(
+        allow=["roots", "https://acme.example.com/acme/", "https://acme.example.com/beta/"],
+        admin_extra=["http://artifacts.internal/"], private_networks=["10.0.0.0/8"],
+    )  # fmt: skip
+    acme = Caller(tenant="acme", sources=("https://acme.example.com/acme/",))
+    policy.check_hop("https://acme.example.com/acme/x/adapter_config.json?sig=1#top", [], acme)
+    for hop in ("http://artifacts.internal/ops-only/adapter_config.json",  # admin_extra
+                "https://acme.example.com/beta/x/adapter_config.json",  # beta's, in `allow`
+                "https://acme.example.com/acme/../beta/x", "https://acme.example.com/acme/%2e%2e/beta",
+                "https://acme.example.com/acmex/y", "http://acme.example.com/acme/x",
+                "https://a@acme.example.com/acme/x", "http://10.0.0.1/acme/x"):  # fmt: skip
+        with pytest.raises(SourceRefused, match="LORASWAP_ADAPTER_SOURCES"):
+            policy.check_hop(hop, [], acme)
+    policy.check_hop("http://artifacts.internal/ops-only/x", [], Caller())  # a global admin's
+    with pytest.raises(SourceRefused):  # LORASWAP_API_KEYS keys get `allow` only
+        policy.check_hop("http://artifacts.internal/ops-only/x", [], Caller(admin=False))
+    admin = SourcePolicy(allow=["https://models.example.com/adapters/"])
+    with pytest.raises(SourceRefused):  # the path counts for a global admin too
+        admin.check_hop("https://models.example.com/cdn/x?sig=1", [], Caller())
+
+
+@pytest.mark.parametrize(
+    "source",
+    ["adapters/a\x00b", "adapters/json\x00", "file://adapters/a\x00b", "adapters/a\nb",
+     "adapters/\x7f", "adapters/\x85x", "adapters/a\u202eb", "adapters/\u200bjson",
+     "adapters/\udc80", "s3://bucket/a\x00b", "hf://org/a\x00", "bentoml://a\x00",
+     "https://acme.example.com/a\x00b", "~no-such-user-27/adapters/json"],
+)  # fmt: skip
+def test_control_characters_and_unreadable_paths_are_the_policy_refusal(source):
+    """A NUL made Path.resolve raise ValueError (a 500 at the route); now every such source is
+    the policy's SourceRefused (the route's 400), for every key, below the routes too."""
+    for who in ({}, {"tenant": "acme", "tenant_sources": ["roots"]}):
+        assert not allowed(SourcePolicy(allow=["roots", "s3://", "hf://", "bentoml://", "*"]),
+                           source, **who)  # fmt: skip
+    with pytest.raises(AdapterInvalid, match="LORASWAP_ADAPTER_SOURCES"):
+        materialize(source, name="x", version="v1", roots=ROOTS, cache_dir=Path("/nonexistent"))
+    with pytest.raises(ValidationError):
+        Tenant(name="acme", sources=[source])
 
 
 def test_the_policy_is_read_from_the_environment_and_checked(monkeypatch):

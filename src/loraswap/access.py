@@ -2,7 +2,8 @@
 
 It wraps BentoML's app, so it also guards ``/metrics`` and the health routes when configured.
 ``/metrics`` names every tenant's adapters: where keys (or a metrics token) are set, it answers
-only to the metrics token or a key that sees every adapter, never to a tenant's.
+only to the metrics token or a key that sees every adapter on every route anyway (a global admin
+key, a ``LORASWAP_API_KEYS`` user key), never to a tenant's, user or admin.
 BentoML's own ``max_concurrency`` stays as an outer safety valve; this limit adds what it lacks:
 the OpenAI error shape, ``Retry-After``, and counting only generating traffic.
 """

@@ -5,6 +5,7 @@ that reach them through :mod:`.runtime`, need not know each other."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from . import metrics
@@ -21,6 +22,7 @@ from .pipeline import RequestPipeline, VllmHandlers, guard_engine
 from .runtime import Runtime
 from .shadows.runner import ShadowRunner
 from .shadows.store import ComparisonStore
+from .tenants import Tenant
 from .vllm_plugin import staging
 
 
@@ -35,7 +37,9 @@ async def build_runtime(app: Any, settings: Settings, engine: Engine) -> Runtime
     client = engine.client
     guard_engine(client, settings, app.state.tenancy)  # before vLLM's serving layer gets it
     handlers = await attach_engine(app, client, engine.args)
-    registry = await build_registry(settings, engine, handlers, storage.db)
+    registry = await build_registry(
+        settings, engine, handlers, storage.db, app.state.tenancy.directory.stored
+    )
     pipeline = RequestPipeline(settings, registry, handlers, app.state.tenancy)
     if registry is not None:
         pipeline.shadows = await start_shadows(pipeline, settings, storage.db)
@@ -57,9 +61,14 @@ async def build_runtime(app: Any, settings: Settings, engine: Engine) -> Runtime
 
 
 async def build_registry(
-    settings: Settings, engine: Engine, handlers: VllmHandlers, db: Any
+    settings: Settings,
+    engine: Engine,
+    handlers: VllmHandlers,
+    db: Any,
+    tenants: Callable[[], Mapping[str, Tenant]] | None = None,
 ) -> AdapterRegistry | None:
-    """The adapter registry on this engine, restored from the catalogue (None: LoRA off)."""
+    """The adapter registry on this engine, restored from the catalogue (None: LoRA off);
+    ``tenants`` reads the stored tenants a refetched adapter's sources are checked with."""
     if not settings.enable_lora:
         return None
     staged = getattr(engine.args, "worker_extension_cls", "") == staging.QUALNAME
@@ -67,8 +76,9 @@ async def build_registry(
     shapes = await asyncio.to_thread(BaseModelShapes.from_checkpoint, engine.model_path)
     host = engine.choices.get("adapter_host_bytes")
     registry = AdapterRegistry(
-        settings, shapes, slots, AuditLog(db), host_bytes=host.value if host else None, db=db
-    )
+        settings, shapes, slots, AuditLog(db), host_bytes=host.value if host else None, db=db,
+        tenants=tenants,
+    )  # fmt: skip
     await registry.restore()
     if settings.preload_adapters and settings.adapter_roots:
         await registry.preload(settings.adapter_roots[0])

@@ -245,8 +245,9 @@ class Settings(BaseSettings):
             "`https://host/path`, another fsspec protocol by name such as `gs://`); "
             "`tenant_default`, what a tenant without its own `sources` may use (within `allow`); "
             "`admin_extra`, more for global admin keys (`*`: anything); `private_networks`, "
-            "CIDRs http(s) sources may reach though not public. Anything else is a 400, for "
-            "every key. See the README's tenant section."
+            "CIDRs http(s) sources (and fsspec ones naming a host: `sftp://`...) may reach "
+            "though not public. Anything else is a 400, for every key. See the README's tenant "
+            "section."
         ),
     )
 

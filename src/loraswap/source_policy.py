@@ -4,8 +4,9 @@ A source and every listed prefix are parsed into the same segments (kind, then h
 organisation, then path) and a source is allowed when a prefix's segments begin its own. Matching
 parsed segments, not strings, is what keeps ``local:///x``, ``simplecache::file:///x``,
 ``http://allowed@127.0.0.1/`` or ``s3://b/acme/../beta`` from passing for something listed: fsspec
-protocols are accepted by name only, chains (``::``) never, userinfo, ``..`` and escapes never.
-A leaf module (stdlib and pydantic): the settings, the tenants and the adapters all read it.
+protocols are accepted by name only, chains (``::``) never, userinfo, ``..``, escapes and
+control or other unprintable characters never. A leaf module (stdlib and pydantic): the
+settings, the tenants and the adapters all read it.
 """
 
 from __future__ import annotations
@@ -33,6 +34,17 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 class SourceRefused(ValueError):
     """The source is outside the policy (or unreadable as a source); the message says why."""
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Whose limits a source is held to: tenant ``tenant``'s (its own ``sources``; None: the
+    policy's ``tenant_default``), else a global admin's (``admin``) or another key's. One value
+    for the registration route, the fetch and each redirect, so all three ask the same."""
+
+    admin: bool = True
+    tenant: str | None = None
+    sources: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -71,7 +83,10 @@ def _local(text: str) -> Spelled:
     path = text[len("file://") :] if text.startswith("file://") else text
     if not path:
         raise SourceRefused("an empty path is not a source")
-    return Spelled("file", Path(path).expanduser().resolve().parts)
+    try:
+        return Spelled("file", Path(path).expanduser().resolve().parts)
+    except (OSError, RuntimeError, ValueError) as exc:  # a symlink loop, `~nobody`...
+        raise SourceRefused(f"{text!r} is not a readable path: {exc}") from None
 
 
 def _http(text: str, scheme: str, prefix: bool) -> Spelled:
@@ -126,6 +141,8 @@ def spell(text: str, prefix: bool = False) -> Spelled:
     one source of one protocol."""
     if not isinstance(text, str) or not text.strip() or text != text.strip():
         raise SourceRefused(f"{text!r} is not a source")
+    if not text.isprintable():  # NUL (Path would raise), newlines, bidi overrides, surrogates
+        raise SourceRefused(f"{text!r}: control and other unprintable characters are not accepted")
     scheme, sep, rest = text.partition("://")
     if not sep or scheme == "file":
         if "::" in text:
@@ -190,8 +207,8 @@ class SourcePolicy(BaseModel):
     )
     private_networks: list[str] = Field(
         default_factory=list,
-        description="addresses (CIDR) http(s) sources may reach though loopback, private, "
-        "link-local or otherwise not public",
+        description="addresses (CIDR) http(s) sources, and fsspec ones naming a host (`sftp://`, "
+        "`ftp://`...), may reach though loopback, private, link-local or otherwise not public",
     )
 
     @field_validator("allow", "tenant_default", "admin_extra")
@@ -212,25 +229,8 @@ class SourcePolicy(BaseModel):
     def networks(self) -> list[Network]:
         return [ipaddress.ip_network(n, strict=False) for n in self.private_networks]
 
-    def reaches(self, url: str) -> bool:
-        """An http(s) ``url``'s scheme, host and port are those of an entry some key may use
-        (what a redirect must keep to; its path and query are the listed host's business)."""
-        parts = urlsplit(url)
-        try:
-            host = spell(parts._replace(path="/", query="", fragment="").geturl())
-        except SourceRefused:
-            return False
-        for entry in self.deployment():
-            if entry == ANY:
-                return True
-            if entry != ROOTS:
-                listed = spell(entry, prefix=True)
-                if listed.kind == host.kind and listed.parts[:1] == host.parts[:1]:
-                    return True
-        return False
-
     def deployment(self) -> list[str]:
-        """Everything some key may register from: what a fetch may ever reach."""
+        """A global admin's entries (a server without keys' too): the widest any key gets."""
         return [*self.allow, *self.admin_extra]
 
     def check(
@@ -259,6 +259,17 @@ class SourcePolicy(BaseModel):
             listed = ", ".join(shown) or "nothing"
             raise SourceRefused(f"source {source!r} is not allowed by {POLICY_NAME}: {why}; "
                                 f"{who} may register from: {listed}")  # fmt: skip
+
+    def check_as(self, source: str, roots: list[Path], caller: Caller) -> None:
+        """:meth:`check` for ``caller``."""
+        sources = None if caller.sources is None else list(caller.sources)
+        self.check(source, roots, admin=caller.admin, tenant=caller.tenant, tenant_sources=sources)
+
+    def check_hop(self, url: str, roots: list[Path], caller: Caller) -> None:
+        """A redirect's target passes what its source passed, for the same caller (a tenant's
+        own prefixes, path included; ``admin_extra`` for a global admin's only); its query and
+        fragment are the listed host's business (a signed URL's signature) and not checked."""
+        self.check_as(urlsplit(url)._replace(query="", fragment="").geturl(), roots, caller)
 
 
 def refusal(source: Spelled, entries: list[str], roots: list[Path]) -> str | None:

@@ -30,6 +30,10 @@ class VersionRecord(BaseModel):
     target_modules: list[str]
     size_bytes: int
     registered_at: float
+    # Who registered it (the audit's actor: a tenant's name, `admin`, `anonymous`); a refetch is
+    # held to that caller's source limits as they are then (adapters/owners.py). None: a
+    # version stored before this field.
+    registered_by: str | None = None
 
 
 class AliasRecord(BaseModel):
@@ -45,6 +49,15 @@ class AliasRecord(BaseModel):
 
     def versions_used(self) -> set[str]:
         return {v for v in (self.version, self.canary_version, self.shadow_version) if v}
+
+    def without(self, version: str) -> AliasRecord:
+        """This alias with a deleted version dropped from its canary and shadow."""
+        update: dict[str, Any] = {}
+        if self.canary_version == version:
+            update |= {"canary_version": None, "canary_weight": 0.0}
+        if self.shadow_version == version:
+            update |= {"shadow_version": None, "shadow_rate": 0.0}
+        return self.model_copy(update=update)
 
 
 class AdapterRecord(BaseModel):

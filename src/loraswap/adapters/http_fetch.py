@@ -1,7 +1,8 @@
 """Adapter files over http(s), without letting a source aim the server at its own network.
 
-Every hop (the source URL and each redirect) must be within the source policy, its host is
-resolved here and every address it resolves to must be public (or in the operator's
+Every hop (the source URL and each redirect) must pass the source policy's check for the same
+caller as the source (``allowed``: a tenant's own prefixes, path included), its host is resolved
+here and every address it resolves to must be public (or in the operator's
 ``private_networks``), and the connection goes to the address that was checked, so a name that
 resolves differently a moment later (DNS rebinding) cannot move it. Redirects are followed by
 this loop, never by the client; proxies from the environment are not used (they would resolve
@@ -24,6 +25,17 @@ from .validation import AdapterInvalid
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+# IANA's special-purpose ranges that are not globally reachable (and deprecated ones), listed
+# because ``is_global`` depends on the Python release and misses some (3.11: fec0::/10 site-local,
+# 192.88.99.0/24 6to4 relay anycast, 3fff::/20 documentation). Some anycast blocks IANA marks
+# reachable (192.0.0.9/32, parts of 2001::/23) go with their block: adapters are not served there.
+NOT_PUBLIC = tuple(ipaddress.ip_network(n) for n in (
+    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
+    "192.0.0.0/24", "192.0.2.0/24", "192.88.99.0/24", "192.168.0.0/16", "198.18.0.0/15",
+    "198.51.100.0/24", "203.0.113.0/24", "224.0.0.0/4", "240.0.0.0/4",
+    "::/127", "::ffff:0:0/96", "64:ff9b:1::/48", "100::/63", "2001::/23", "2001:db8::/32",
+    "3fff::/20", "5f00::/16", "fc00::/7", "fe80::/10", "fec0::/10", "ff00::/8",
+))  # fmt: skip
 
 
 def embedded_ipv4(address: Address) -> ipaddress.IPv4Address | None:
@@ -40,10 +52,13 @@ def embedded_ipv4(address: Address) -> ipaddress.IPv4Address | None:
 
 
 def is_public(address: Address) -> bool:
-    """Reachable on the internet: not loopback, private, link-local, shared, reserved,
-    multicast or unspecified, nor an IPv6 spelling of such an IPv4 address."""
+    """Reachable on the internet: not loopback, private, link-local, site-local, shared,
+    documentation, benchmarking, relay anycast, reserved, multicast or unspecified (Python's
+    ``is_global`` and :data:`NOT_PUBLIC` both), nor an IPv6 spelling of such an IPv4 address."""
     inner = embedded_ipv4(address)
     if inner is not None and not is_public(inner):
+        return False
+    if any(address in net for net in NOT_PUBLIC if net.version == address.version):
         return False
     return address.is_global and not (
         address.is_multicast or address.is_reserved or address.is_unspecified

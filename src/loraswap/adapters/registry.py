@@ -10,17 +10,22 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from ..audit import AuditLog
 from ..config import Settings
 from ..errors import ApiError
+from ..source_policy import Caller
 from ..storage import Database
+from ..tenants.model import Tenant
+from ..tenants.principal import current
 from . import sizing
 from .catalog import AdapterRecord, AliasRecord, CatalogState, VersionRecord, adoption
 from .catalog_rows import open_catalog
 from .keys import AdapterKey
+from .owners import registrant
 from .residency import AdapterEngine, Residency
 from .slots import SlotGate
 from .sources import materialize
@@ -40,8 +45,12 @@ class AdapterRegistry:
         audit: AuditLog | None = None,
         host_bytes: int | None = None,
         db: Database | None = None,
+        tenants: Callable[[], Mapping[str, Tenant]] | None = None,
     ) -> None:
+        """``tenants`` reads the tenants as stored now (blocking), whose ``sources`` a refetch of
+        a tenant's adapter is held to; None: no tenants."""
         self.settings = settings
+        self.tenants = tenants or dict
         self.audit = audit
         self.base_name = settings.served_model_name
         self.shapes = shapes
@@ -144,11 +153,14 @@ class AdapterRegistry:
         for key in [k for k in (served if before is None else before) if k not in wanted]:
             await self.residency.forget(key)
         self.catalog.state = state
+        tenants: Mapping[str, Tenant] | None = None  # read once, if anything is fetched
         for key, ver in wanted.items():
             if self.residency.is_servable(key):
                 continue
+            tenants = tenants if tenants is not None else await asyncio.to_thread(self.tenants)
+            by = registrant(key.name, ver.registered_by, tenants, self.settings.adapter_sources)
             try:
-                path, _ = await self._prepare(key, ver.source)
+                path, _ = await self._prepare(key, ver.source, by)
             except AdapterInvalid as exc:
                 self.residency.mark_broken(key, str(exc))
                 logger.error("adapter %s cannot be served: %s", key, exc)
@@ -161,8 +173,10 @@ class AdapterRegistry:
     async def _commit(self, mutate: Any) -> Any:
         return await self.catalog.commit(mutate, self._adopt)
 
-    async def _prepare(self, key: AdapterKey, source: str) -> tuple[Path, AdapterInfo]:
-        """Fetch and validate an adapter without touching the engine."""
+    async def _prepare(
+        self, key: AdapterKey, source: str, caller: Caller
+    ) -> tuple[Path, AdapterInfo]:
+        """Fetch (within ``caller``'s source limits) and validate, without touching the engine."""
 
         def work() -> tuple[Path, AdapterInfo]:
             got = materialize(
@@ -173,6 +187,7 @@ class AdapterRegistry:
                 cache_dir=self.settings.adapter_cache_dir,
                 storage_options=self.settings.fsspec_storage_options,
                 policy=self.settings.adapter_sources,
+                caller=caller,
             )
             return got.path, validate_adapter(got.path, self.shapes, self.settings.max_lora_rank)
 
@@ -211,9 +226,10 @@ class AdapterRegistry:
                 version = existing.next_version() if existing else "v1"
             key = AdapterKey(name, version)
             created = existing is None or version not in existing.versions
+            principal = current()
             if created:
                 try:
-                    path, info = await self._prepare(key, source)
+                    path, info = await self._prepare(key, source, principal.caller())
                 except AdapterInvalid as exc:
                     message = f"adapter {str(key)!r} rejected: {exc}"
                     raise ApiError(400, message, param="source") from None
@@ -225,6 +241,7 @@ class AdapterRegistry:
                         version=version, source=source, lora_int_id=state.next_lora_id,
                         rank=info.rank, alpha=info.alpha, target_modules=info.target_modules,
                         size_bytes=info.size_bytes, registered_at=time.time(),
+                        registered_by=principal.name,
                     )  # fmt: skip
                     state.next_lora_id += 1
                     if record is None:
@@ -261,7 +278,7 @@ class AdapterRegistry:
                     del state.adapters[name]
                 else:
                     del rec.versions[version]
-                    rec.alias = without_version(rec.alias, version)
+                    rec.alias = rec.alias.without(version)
                     if rec.previous_alias and version in rec.previous_alias.versions_used():
                         rec.previous_alias = None
 
@@ -388,7 +405,7 @@ class AdapterRegistry:
     def describe(self, name: str) -> dict[str, Any]:
         record = self.catalog.record(name)
         versions = [
-            {**ver.model_dump(), "id": str(record.key(ver.version)),
+            {**ver.model_dump(exclude={"registered_by"}), "id": str(record.key(ver.version)),
              **self.residency.facts(record.key(ver.version))}
             for ver in record.versions.values()
         ]  # fmt: skip
@@ -406,13 +423,3 @@ class AdapterRegistry:
     def model_ids(self) -> list[tuple[str, AdapterKey]]:
         """(model id, version it serves) for each servable alias and version (``/v1/models``)."""
         return [(i, k) for i, k in self.catalog.model_ids() if self.residency.is_servable(k)]
-
-
-def without_version(alias: AliasRecord, version: str) -> AliasRecord:
-    """``alias`` with a deleted version dropped from its canary and shadow."""
-    update: dict[str, Any] = {}
-    if alias.canary_version == version:
-        update |= {"canary_version": None, "canary_weight": 0.0}
-    if alias.shadow_version == version:
-        update |= {"shadow_version": None, "shadow_rate": 0.0}
-    return alias.model_copy(update=update)

@@ -46,13 +46,9 @@ def may_register(name: str) -> str:
 def allowed_source(request: Request, source: str, param: str = "source") -> str:
     """``source`` if this key may register from it: the source policy for every key, and its
     tenant's own ``sources`` for a tenant's; else the 400 that names the policy."""
-    settings, principal = runtime_of(request).settings, current()
-    tenant = principal.tenant
-    limits = {"tenant": tenant.name, "tenant_sources": tenant.sources} if tenant else {}
+    settings = runtime_of(request).settings
     try:
-        settings.adapter_sources.check(
-            source, settings.adapter_roots, admin=principal.admin, **limits
-        )
+        settings.adapter_sources.check_as(source, settings.adapter_roots, current().caller())
     except SourceRefused as exc:
         raise ApiError(400, str(exc), param=param) from None
     return source

@@ -1,17 +1,21 @@
 """Turn an adapter source URI into a local PEFT directory the engine can read.
 
-Nothing outside the source policy is read: every source is checked against what some key may
-register from (the registration route checked the caller's own limits already). Local paths must
-stay inside the adapter roots; ``bentoml://name:version`` reads the BentoML model store;
-``hf://org/name@revision`` downloads from the Hugging Face hub; ``http(s)://`` goes through
+Nothing outside the source policy is read: every fetch checks the source against what its
+caller may register from now (the registering key's, or for a stored version its registrant's,
+see :mod:`.owners`), as the registration route did, and every http(s) redirect the same way.
+Local paths must stay inside the adapter roots; ``bentoml://name:version`` reads the BentoML model
+store; ``hf://org/name@revision`` downloads from the Hugging Face hub; ``http(s)://`` goes through
 :mod:`.http_fetch` (every hop's address checked); any other fsspec URL the policy lists by name
-(``s3://bucket/prefix``, ``gs://``...) is copied. Remote copies land in the adapter cache under
-``<name>/<version>``, written to a temporary directory first and renamed, so a half-download is
-never served.
+(``s3://bucket/prefix``, ``gs://``...) is copied, its host's addresses checked first when the URL
+names one (:data:`HOST_PROTOCOLS`). Remote copies land in the adapter cache under
+``<name>/<version>-<hash of the source>``, written to a temporary directory first and renamed, so
+a half-download is never served, and a later registration of the same name and version from
+another source (after a delete, by another owner) never finds the earlier bytes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import shutil
@@ -20,14 +24,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-from ..source_policy import SourcePolicy, SourceRefused
-from .http_fetch import download
+from ..source_policy import Caller, SourcePolicy, SourceRefused
+from .http_fetch import checked_address, download
 from .validation import ADAPTER_CONFIG, AdapterInvalid, inside_roots
 
 logger = logging.getLogger(__name__)
 HF_SOURCE = re.compile(r"^hf://(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+))?$")
 ADAPTER_FILES = [ADAPTER_CONFIG, "adapter_model.safetensors", "README.md"]
+# fsspec protocols whose URL names a host to connect to; the others name a bucket, container or
+# repository served by an endpoint the operator configures (LORASWAP_FSSPEC_STORAGE_OPTIONS).
+HOST_PROTOCOLS = frozenset({"ftp", "sftp", "ssh", "smb", "webhdfs", "hdfs", "arrow_hdfs", "root"})
 
 
 @dataclass(frozen=True)
@@ -66,10 +74,12 @@ def _download_hf(repo: str, revision: str, tmp: Path) -> None:
     )
 
 
-def _download_http(url: str, tmp: Path, policy: SourcePolicy) -> None:
+def _download_http(url: str, tmp: Path, policy: SourcePolicy, caller: Caller) -> None:
     def allowed(hop: str) -> None:
-        if not policy.reaches(hop):
-            raise AdapterInvalid(f"{hop!r}: its host is not in the adapter source policy")
+        try:
+            policy.check_hop(hop, [], caller)
+        except SourceRefused as exc:
+            raise AdapterInvalid(f"redirected to {hop!r}: {exc}") from None
 
     base, networks = url.rstrip("/"), policy.networks()
     for name in ADAPTER_FILES:
@@ -77,6 +87,25 @@ def _download_http(url: str, tmp: Path, policy: SourcePolicy) -> None:
                        required=False)  # fmt: skip
         if not got and name == ADAPTER_CONFIG:
             raise AdapterInvalid(f"no {ADAPTER_CONFIG} at {url}")
+
+
+def check_host(url: str, policy: SourcePolicy) -> None:
+    """An fsspec URL naming a host (:data:`HOST_PROTOCOLS`) is fetched only if every address
+    the host resolves to is public or in ``private_networks``, as an http(s) one. Unlike http(s),
+    the connection cannot be pinned to the checked address (fsspec's clients, ftplib, paramiko,
+    smbprotocol..., look the name up again), so a name that resolves elsewhere a moment later
+    is not stopped: an operator listing such a protocol should list its hosts by address."""
+    protocol, _, rest = url.partition("://")
+    if protocol not in HOST_PROTOCOLS:
+        return
+    authority = urlsplit("//" + rest.partition("/")[0])
+    try:
+        host, port = authority.hostname, authority.port or 0
+    except ValueError:
+        raise AdapterInvalid(f"{url!r}: bad port") from None
+    if not host:
+        raise AdapterInvalid(f"{url!r} names no host")
+    checked_address(host, port, policy.networks())
 
 
 def _download_fsspec(url: str, tmp: Path, storage_options: dict[str, Any]) -> None:
@@ -100,12 +129,14 @@ def materialize(
     cache_dir: Path,
     storage_options: dict[str, Any] | None = None,
     policy: SourcePolicy | None = None,
+    caller: Caller | None = None,
 ) -> Materialized:
     """A local directory holding the adapter of ``source``; raise AdapterInvalid if unusable
-    or outside ``policy`` (default: the default policy)."""
-    policy = policy or SourcePolicy()
+    or outside ``policy`` (default: the default policy) for ``caller`` (default: a global
+    admin), checked before the cache is looked at."""
+    policy, caller = policy or SourcePolicy(), caller or Caller()
     try:
-        policy.check(source, roots)
+        policy.check_as(source, roots, caller)
     except SourceRefused as exc:
         raise AdapterInvalid(str(exc)) from None
     kind = source_kind(source)
@@ -122,7 +153,8 @@ def materialize(
         except (BentoMLException, ValueError) as exc:
             raise AdapterInvalid(f"BentoML model {tag!r} not found: {exc}") from None
 
-    target = cache_dir / name / version
+    digest = hashlib.sha256(source.encode()).hexdigest()[:32]  # the exact string, revision kept
+    target = cache_dir / name / f"{version}-{digest}"
     if (target / ADAPTER_CONFIG).is_file():
         return Materialized(target, kind)
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -136,8 +168,9 @@ def materialize(
                 raise AdapterInvalid(f"bad hub source {source!r}: use hf://org/name[@revision]")
             _download_hf(match["repo"], match["rev"] or "main", tmp)
         elif kind == "http":
-            _download_http(source, tmp, policy)
+            _download_http(source, tmp, policy, caller)
         else:
+            check_host(source, policy)
             _download_fsspec(source, tmp, storage_options or {})
     except AdapterInvalid:
         shutil.rmtree(tmp, ignore_errors=True)

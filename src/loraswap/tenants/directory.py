@@ -106,6 +106,16 @@ class TenantDirectory:
 
         self._refreshing = asyncio.get_running_loop().create_task(refresh())
 
+    def stored(self) -> dict[str, Tenant]:
+        """The tenants as stored now (blocking), for a check that must not act on this
+        replica's copy of up to one poll ago (an adapter adopted from another replica may be a
+        tenant's created there a moment before); this copy if the store cannot be read."""
+        try:
+            return self.store.load().tenants
+        except Exception as exc:
+            logger.warning("cannot read tenants, using this replica's copy: %s", exc)
+            return self.state.tenants
+
     @property
     def auth_required(self) -> bool:
         return bool(self.admin_keys or self.user_keys or self.state.tenants)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from contextvars import ContextVar
 from dataclasses import dataclass
 
+from ..source_policy import Caller
 from .model import Tenant
 
 
@@ -29,6 +30,14 @@ class Principal:
 
     def may_use_base(self) -> bool:
         return self.tenant is None or self.tenant.base_model
+
+    def caller(self) -> Caller:
+        """This key as the adapter source policy sees it: whose limits its sources are held to."""
+        tenant = self.tenant
+        if tenant is None:
+            return Caller(admin=self.admin)
+        sources = None if tenant.sources is None else tuple(tenant.sources)
+        return Caller(admin=self.admin, tenant=tenant.name, sources=sources)
 
 
 ANONYMOUS = Principal("anonymous", None, admin=True)  # a server without keys: today's open demo
