@@ -20,7 +20,16 @@ import vllm.lora.ops.torch_ops as torch_ops_pkg
 import vllm.lora.ops.torch_ops.lora_ops as lora_ops
 
 from loraswap import vllm_plugin
-from loraswap.vllm_plugin import guard, lora_index_fix, lora_kernels, row_kernel
+from loraswap.vllm_plugin import (
+    guard,
+    lora_compile,
+    lora_forms,
+    lora_grouping,
+    lora_index_fix,
+    lora_kernels,
+    lora_slots,
+    row_kernel,
+)
 
 N_SLOTS = 3  # max_loras; slot N_SLOTS - 1 is what index -1 wrongly reads
 HIDDEN, RANK, OUT = 16, 4, 12
@@ -302,13 +311,13 @@ def test_activation_updates_the_live_slot_without_rereading_the_others(monkeypat
         a[1].copy_(d["a"][1])
         return True
 
-    monkeypatch.setattr(lora_kernels, "ORIGINAL_ACTIVATE", [vllm_activate])
+    monkeypatch.setattr(lora_slots, "ORIGINAL_ACTIVATE", [vllm_activate])
     with torch.inference_mode():  # vLLM's forward pass, where the transposed copy is made
         lora_kernels.bgmv_shrink(d["x"], a, out, torch.tensor([0, 0, 2, 0, 0]), 1.0)
-    assert lora_kernels.activate_adapter(manager, 42)  # outside inference mode, like a load
-    cached = lora_kernels._DERIVED[(id(a), "live")]
+    assert lora_slots.activate_adapter(manager, 42)  # outside inference mode, like a load
+    cached = lora_forms._DERIVED[(id(a), "live")]
     assert cached[1] == a._version and cached[2][1] is True  # updated, not invalidated
-    transposed = lora_kernels._DERIVED[(id(a), "t")]
+    transposed = lora_forms._DERIVED[(id(a), "t")]
     assert transposed[1] == a._version and torch.equal(transposed[2][1], a[1, 0].T)
     lora_kernels.bgmv_shrink(d["x"], a, out, idx, 1.0)
     torch.testing.assert_close(out.double(), per_row(d["x"], d["a"], idx.tolist()), **F32)
@@ -491,7 +500,7 @@ def test_the_api_process_gets_only_the_engine_configuration_part(
     before = upstream()
     compiled: list[bool] = []
     monkeypatch.setattr(lora_kernels, "compile_with_lora", lambda: compiled.append(True))
-    monkeypatch.setenv(lora_kernels.COMPILE_ENV, "1")
+    monkeypatch.setenv(lora_compile.COMPILE_ENV, "1")
     guard.mark_api_process()
     try:
         vllm_plugin.apply()
@@ -646,7 +655,7 @@ def _gemm_rows_invariant(dtype: torch.dtype) -> bool:
     g = torch.Generator().manual_seed(11)
     w = torch.randn(576, 16, generator=g).to(dtype)
     x = torch.randn(64, 576, generator=g).to(dtype)
-    rows = lora_kernels.MIN_ROWS
+    rows = lora_grouping.MIN_ROWS
     first = x[:rows] @ w
     return all(torch.equal((x[:m] @ w)[:rows], first) for m in range(rows, 65, rows))
 
@@ -731,20 +740,20 @@ def test_activation_takes_targeted_modules_from_the_adapter(monkeypatch):
         mlp_a[2] = 0
         return True
 
-    monkeypatch.setattr(lora_kernels, "ORIGINAL_ACTIVATE", [vllm_activate])
+    monkeypatch.setattr(lora_slots, "ORIGINAL_ACTIVATE", [vllm_activate])
     read = []
     real_any = torch.Tensor.any
     monkeypatch.setattr(
         torch.Tensor, "any", lambda self, *a, **k: read.append(1) or real_any(self, *a, **k)
     )
-    assert lora_kernels.activate_adapter(manager, 42)
+    assert lora_slots.activate_adapter(manager, 42)
     monkeypatch.setattr(torch.Tensor, "any", real_any)
     assert not read  # nothing read back
     for t in (q_a, k_a, mlp_a):
-        live = lora_kernels._DERIVED[(id(t), "live")]
+        live = lora_forms._DERIVED[(id(t), "live")]
         assert live[1] == t._version and live[2] == t.flatten(1).any(dim=1).tolist()
-        copy = lora_kernels._DERIVED[(id(t), "t")]
-        assert copy[1] == t._version and torch.equal(copy[2], lora_kernels._transposed(t))
+        copy = lora_forms._DERIVED[(id(t), "t")]
+        assert copy[1] == t._version and torch.equal(copy[2], lora_forms.transposed_copy(t))
     lora_kernels.bgmv_shrink(x, q_a, out, torch.tensor([2, 2, 2, 0, -1]), 1.0)
     expected = per_row(x, q_a, [2, 2, 2, 0, -1])
     torch.testing.assert_close(out.double(), expected, **F32)
@@ -861,7 +870,7 @@ def _slot_4_activation(a: tuple, b: tuple, rank: int, monkeypatch) -> SimpleName
                     t[4, 0, : w.shape[0], : w.shape[1]].copy_(w)
         return True
 
-    monkeypatch.setattr(lora_kernels, "ORIGINAL_ACTIVATE", [vllm_activate])
+    monkeypatch.setattr(lora_slots, "ORIGINAL_ACTIVATE", [vllm_activate])
     return SimpleNamespace(
         modules={"qkv": SimpleNamespace(lora_a_stacked=a, lora_b_stacked=b)},
         lora_index_to_id=[None] * 8,
@@ -877,14 +886,14 @@ def test_activation_keeps_the_fused_forms_up_to_date(monkeypatch, torch_ops):
     with torch.inference_mode():  # the forward pass makes the fused forms
         lora_kernels.lora_linear(y, x, a, b, 1.0, QKV_OUT, torch.tensor([0, 1, 2, 3]))
     manager = _slot_4_activation(a, b, RANK, monkeypatch)
-    assert lora_kernels.activate_adapter(manager, 42)
+    assert lora_slots.activate_adapter(manager, 42)
     ids = tuple(id(t) for t in a), tuple(id(t) for t in b)
-    shrink = lora_kernels._DERIVED[(ids[0], "shrink")]
-    expand = lora_kernels._DERIVED[(ids[1], "expand")]
+    shrink = lora_forms._DERIVED[(ids[0], "shrink")]
+    expand = lora_forms._DERIVED[(ids[1], "expand")]
     assert shrink[1] == tuple(t._version for t in a)  # updated in place, not dropped
-    assert torch.equal(shrink[2], lora_kernels._shrink_form(a))
+    assert torch.equal(shrink[2], lora_forms.shrink_form(a))
     assert expand[1] == tuple(t._version for t in b)
-    assert torch.equal(expand[2], lora_kernels._expand_form(b))
+    assert torch.equal(expand[2], lora_forms.expand_form(b))
 
 
 def test_punica_wrapper_runs_the_fused_layer_op():
@@ -971,9 +980,9 @@ def test_activation_updates_the_row_kernel_ranks_of_its_slot(kernel, monkeypatch
     read = []
     real = row_kernel.ranks_of
     monkeypatch.setattr(row_kernel, "ranks_of", lambda *args: read.append(args[2:]) or real(*args))
-    assert lora_kernels.activate_adapter(manager, 42)
+    assert lora_slots.activate_adapter(manager, 42)
     assert read == []  # the ranks come from the adapter: no slot is read back
-    form = lora_kernels._DERIVED[(tuple(id(t) for t in (*a, *b)), "rows")]
+    form = lora_forms._DERIVED[(tuple(id(t) for t in (*a, *b)), "rows")]
     assert form[1] == tuple(t._version for t in (*a, *b))  # updated in place, not dropped
     assert form[2][1][4].tolist() == [half, 0, half]
     assert torch.equal(form[2][1], real(a, b))
@@ -1005,13 +1014,13 @@ def test_activation_reads_the_slot_when_the_adapter_does_not_say_its_ranks(kerne
     with torch.inference_mode():
         assert lora_kernels.lora_linear(y, x, a, b, 1.0, QKV_OUT, torch.tensor([0, 1, 2, 3]))
     manager = _slot_4_activation(a, b, KERNEL_RANK // 2, monkeypatch)
-    monkeypatch.setattr(lora_kernels, "_written_ranks", lambda *args: None)
+    monkeypatch.setattr(lora_slots, "_written_ranks", lambda *args: None)
     read = []
     real = row_kernel.ranks_of
     monkeypatch.setattr(row_kernel, "ranks_of", lambda *args: read.append(args[2:]) or real(*args))
-    assert lora_kernels.activate_adapter(manager, 42)
+    assert lora_slots.activate_adapter(manager, 42)
     assert read == [(4,)]  # that slot only
-    form = lora_kernels._DERIVED[(tuple(id(t) for t in (*a, *b)), "rows")]
+    form = lora_forms._DERIVED[(tuple(id(t) for t in (*a, *b)), "rows")]
     assert torch.equal(form[2][1], real(a, b))
 
 
@@ -1021,10 +1030,10 @@ def test_activation_works_out_the_layers_once_per_manager(monkeypatch):
     a, b = _qkv(torch.float32, rank=KERNEL_RANK)
     manager = _slot_4_activation(a, b, KERNEL_RANK // 2, monkeypatch)
     calls = []
-    real = lora_kernels._module_tensors
-    monkeypatch.setattr(lora_kernels, "_module_tensors", lambda m: calls.append(1) or real(m))
+    real = lora_slots._module_tensors
+    monkeypatch.setattr(lora_slots, "_module_tensors", lambda m: calls.append(1) or real(m))
     for _ in range(3):
-        assert lora_kernels.activate_adapter(manager, 42)
+        assert lora_slots.activate_adapter(manager, 42)
     assert calls == [1]
     assert set(manager._loraswap_layers.tracked_ids) == {id(t) for t in (*a, *b)}
 
@@ -1033,10 +1042,10 @@ def test_activation_of_an_active_adapter_goes_straight_to_vllm(monkeypatch):
     """vLLM asks to activate every adapter of every step: one already in a slot costs vLLM's
     LRU touch only, not the wrapper's walk over the layers."""
     calls = []
-    monkeypatch.setattr(lora_kernels, "ORIGINAL_ACTIVATE", [lambda self, i: calls.append(i)])
-    monkeypatch.setattr(lora_kernels, "_layers", lambda m: pytest.fail("layers walked"))
+    monkeypatch.setattr(lora_slots, "ORIGINAL_ACTIVATE", [lambda self, i: calls.append(i)])
+    monkeypatch.setattr(lora_slots, "_layers", lambda m: pytest.fail("layers walked"))
     manager = SimpleNamespace(_active_adapters={7: None})
-    lora_kernels.activate_adapter(manager, 7)
+    lora_slots.activate_adapter(manager, 7)
     assert calls == [7]
 
 
@@ -1057,10 +1066,10 @@ def test_adding_a_loaded_adapter_does_not_copy_the_host_cache(monkeypatch):
         list_adapters=lambda: pytest.fail("host cache copied"),
     )
     monkeypatch.setattr(
-        lora_kernels, "ORIGINAL_ADD", [lambda self, req: events.append(("vllm", req.lora_int_id))]
+        lora_slots, "ORIGINAL_ADD", [lambda self, req: events.append(("vllm", req.lora_int_id))]
     )
-    assert lora_kernels.add_adapter(worker, LoRARequest("five", 5, "/adapters/five"))
-    lora_kernels.add_adapter(worker, LoRARequest("six", 6, "/adapters/six"))
+    assert lora_slots.add_adapter(worker, LoRARequest("five", 5, "/adapters/five"))
+    lora_slots.add_adapter(worker, LoRARequest("six", 6, "/adapters/six"))
     assert events == [("activate", 5), ("vllm", 6)]
 
 
@@ -1081,8 +1090,8 @@ def test_reset_of_a_slot_still_at_zeros_is_skipped():
             self.reset_lora(index)  # like vLLM's: zero the slot, then write
             self.w[index] = value
 
-    Layer.reset_lora = lora_kernels._skipping_reset(Layer.reset_lora)
-    Layer.set_lora = lora_kernels._noting_set(Layer.set_lora)
+    Layer.reset_lora = lora_slots._skipping_reset(Layer.reset_lora)
+    Layer.set_lora = lora_slots._noting_set(Layer.set_lora)
     layer = Layer()
     layer.reset_lora(1)
     layer.reset_lora(1)
@@ -1119,11 +1128,11 @@ def test_activation_skips_modules_vllm_did_not_write(monkeypatch):
     manager = _slot_4_activation(a, b, KERNEL_RANK // 2, monkeypatch)
     manager.modules["o"] = SimpleNamespace(lora_a_stacked=o_a, lora_b_stacked=o_b)
     refreshed = []
-    real = lora_kernels._refresh_forms
+    real = lora_forms.refresh_forms
     monkeypatch.setattr(
-        lora_kernels,
-        "_refresh_forms",
+        lora_slots,
+        "refresh_forms",
         lambda a_stack, *rest: refreshed.append(a_stack) or real(a_stack, *rest),
     )
-    assert lora_kernels.activate_adapter(manager, 42)
+    assert lora_slots.activate_adapter(manager, 42)
     assert refreshed == [a]

@@ -2,6 +2,7 @@
 this replica's residency (what the engine serves), kept in step.
 
 It is what the request pipeline resolves ``model`` with and what the adapter admin API changes.
+Alias changes (set, promote, roll back) are in :mod:`.aliases`, a base class of the registry.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from ..storage import Database
 from ..tenants.model import Tenant
 from ..tenants.principal import current
 from . import sizing
+from .aliases import AliasChanges
 from .catalog import AdapterRecord, AliasRecord, CatalogState, VersionRecord, adoption
 from .catalog_rows import open_catalog
 from .keys import AdapterKey
@@ -34,7 +36,7 @@ from .validation import AdapterInfo, AdapterInvalid, BaseModelShapes, check_name
 logger = logging.getLogger(__name__)
 
 
-class AdapterRegistry:
+class AdapterRegistry(AliasChanges):
     """Registers, validates, loads and evicts adapters; resolves the OpenAI ``model`` field."""
 
     def __init__(
@@ -286,90 +288,6 @@ class AdapterRegistry:
             self._audit("delete", name, version=version)
             for key in keys:
                 await self.residency.forget(key)
-
-    async def set_alias(
-        self,
-        name: str,
-        version: str,
-        canary_version: str | None = None,
-        canary_weight: float = 0,
-        shadow_version: str | None = None,
-        shadow_rate: float = 0,
-    ) -> dict[str, Any]:
-        """Point the alias (and its canary and shadow); a new target keeps the old alias as
-        what ``rollback`` restores."""
-        async with self._lock:
-            for v in (version, canary_version, shadow_version):
-                if v is not None:
-                    self.catalog.version(AdapterKey(name, v))
-            for field, value in (("canary_weight", canary_weight), ("shadow_rate", shadow_rate)):
-                if not 0 <= value <= 1:
-                    raise ApiError(400, f"{field} must be within [0, 1]", param=field)
-            alias = AliasRecord(
-                version=version,
-                canary_version=canary_version,
-                canary_weight=canary_weight if canary_version else 0.0,
-                shadow_version=shadow_version,
-                shadow_rate=shadow_rate if shadow_version else 0.0,
-            )
-            await self._replace_alias(name, alias, "alias")
-        return self.describe(name)
-
-    async def promote(self, name: str, source: str | None = None) -> dict[str, Any]:
-        """Make the shadow (or canary) version the alias target, in one change."""
-        async with self._lock:
-            alias = self.catalog.record(name).alias
-            if source is None:
-                given = [s for s in ("shadow", "canary") if getattr(alias, f"{s}_version")]
-                if len(given) != 1:
-                    detail = "both a shadow and a canary are set" if given else "neither is set"
-                    raise ApiError(
-                        409, f"{name}: say which to promote (`from`: shadow or canary); {detail}",
-                        param="from",
-                    )  # fmt: skip
-                source = given[0]
-            target = getattr(alias, f"{source}_version")
-            if target is None:
-                raise ApiError(409, f"{name} has no {source} version to promote", param="from")
-            await self._replace_alias(name, AliasRecord(version=target), "promote", source)
-        return self.describe(name)
-
-    async def rollback(self, name: str) -> dict[str, Any]:
-        """Undo the last change of the alias target (restoring its canary and shadow as they
-        were); with none to undo, send all traffic back to the target (canary and shadow off)."""
-        async with self._lock:
-            record = self.catalog.record(name)
-            if record.previous_alias is not None:
-                restored = record.previous_alias
-            elif record.alias.canary_version or record.alias.shadow_version:
-                restored = AliasRecord(version=record.alias.version)
-            else:
-                raise ApiError(409, f"{name}: nothing to roll back")
-
-            async def mutate(state: CatalogState) -> None:
-                rec = state.adapters[name]
-                before = rec.alias
-                rec.alias, rec.previous_alias = restored, None
-                return before
-
-            before = await self._commit(mutate)
-            self._audit("rollback", name, before=before.model_dump(), after=restored.model_dump())
-        return self.describe(name)
-
-    async def _replace_alias(
-        self, name: str, alias: AliasRecord, action: str, source: str | None = None
-    ) -> None:
-        async def mutate(state: CatalogState) -> AliasRecord:
-            rec = state.adapters[name]
-            before = rec.alias
-            if before.version != alias.version:
-                rec.previous_alias = before
-            rec.alias = alias
-            return before
-
-        before = await self._commit(mutate)
-        detail = {"before": before.model_dump(), "after": alias.model_dump()}
-        self._audit(action, name, **({"from": source} if source else {}), **detail)
 
     async def set_pinned(self, name: str, pinned: bool) -> dict[str, Any]:
         async with self._lock:

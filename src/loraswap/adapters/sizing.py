@@ -69,7 +69,7 @@ def slot_bytes(shapes: BaseModelShapes, rank: int, dtype: str) -> int:
 
 
 def ops_bytes(shapes: BaseModelShapes, rank: int, dtype: str) -> int:
-    """The CPU LoRA ops' copies of one slot (``vllm_plugin.lora_kernels``): lora_a transposed,
+    """The CPU LoRA ops' copies of one slot (``vllm_plugin.lora_forms``): lora_a transposed,
     and lora_b transposed, block-diagonal across a packed layer's slices."""
     per_rank = sum(inp + out * PACKED.get(kind, 1) for kind, out, inp in _lora_linears(shapes))
     return per_rank * rank * dtype_bytes(dtype)
