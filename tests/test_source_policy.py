@@ -128,7 +128,8 @@ def test_a_tenant_registers_from_its_own_prefixes_within_allow():
     assert allowed(policy, "hf://acme-org/x@main", **acme)
     for foreign in ("s3://models/tenants/acme-evil/x", "s3://models/tenants/beta/x",
                     "s3://models/tenants/acme/../beta/x", "adapters/uppercase",
-                    "hf://acme-org-evil/x", "s3://models/other/acme/x"):  # fmt: skip
+                    "hf://acme-org-evil/x", "s3://models/other/acme/x",
+                    "s3://models/tenants/acme/..;/beta/x"):  # fmt: skip
         assert not allowed(policy, foreign, **acme), foreign
     # its sources never widen the deployment's: s3://elsewhere is not in `allow`
     wide = {"tenant": "acme", "tenant_sources": ["s3://", "*"]}
@@ -185,6 +186,7 @@ def test_a_redirect_is_checked_as_its_source_was_for_the_same_caller():
     for hop in ("http://artifacts.internal/ops-only/adapter_config.json",  # admin_extra
                 "https://acme.example.com/beta/x/adapter_config.json",  # beta's, in `allow`
                 "https://acme.example.com/acme/../beta/x", "https://acme.example.com/acme/%2e%2e/beta",
+                "https://acme.example.com/acme/..;/beta/x", "https://acme.example.com/acme/x;p=1",
                 "https://acme.example.com/acmex/y", "http://acme.example.com/acme/x",
                 "https://a@acme.example.com/acme/x", "http://10.0.0.1/acme/x"):  # fmt: skip
         with pytest.raises(SourceRefused, match="LORASWAP_ADAPTER_SOURCES"):

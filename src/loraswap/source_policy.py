@@ -71,11 +71,14 @@ class Spelled:
 
 def _segments(path: str, what: str) -> tuple[str, ...]:
     """``a/b/`` as ``(a, b)``: one trailing slash is the same directory, any other empty
-    segment (``a//b``) is refused, as ``.`` and ``..`` are."""
+    segment (``a//b``) is refused, as ``.`` and ``..`` are, and path parameters (``;``: some
+    servers read ``acme/..;/beta`` as ``beta``)."""
     path = path.removesuffix("/")
     parts = path.split("/") if path else []
     if any(p in ("", ".", "..") for p in parts):
         raise SourceRefused(f"{what}: empty, `.` and `..` path segments are not accepted")
+    if ";" in path:
+        raise SourceRefused(f"{what}: `;` (path parameters) is not accepted")
     return tuple(parts)
 
 

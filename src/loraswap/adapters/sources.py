@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from ..source_policy import Caller, SourcePolicy, SourceRefused
+from ..source_policy import POLICY_NAME, Caller, SourcePolicy, SourceRefused
 from .http_fetch import checked_address, download
 from .validation import ADAPTER_CONFIG, AdapterInvalid, inside_roots
 
@@ -35,6 +35,10 @@ HF_SOURCE = re.compile(r"^hf://(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[
 ADAPTER_FILES = [ADAPTER_CONFIG, "adapter_model.safetensors", "README.md"]
 # fsspec protocols whose URL names a host to connect to; the others name a bucket, container or
 # repository served by an endpoint the operator configures (LORASWAP_FSSPEC_STORAGE_OPTIONS).
+# A fetch's refusal, kept to the source: the policy's own message lists what the registrant may
+# use (another tenant's prefixes, for a name two tenants own), and a broken version's error is
+# shown to its owner. The registration route answers the full message first.
+OUTSIDE = f"outside {POLICY_NAME} for the key that registered it (its limits as they are now)"
 HOST_PROTOCOLS = frozenset({"ftp", "sftp", "ssh", "smb", "webhdfs", "hdfs", "arrow_hdfs", "root"})
 
 
@@ -78,8 +82,8 @@ def _download_http(url: str, tmp: Path, policy: SourcePolicy, caller: Caller) ->
     def allowed(hop: str) -> None:
         try:
             policy.check_hop(hop, [], caller)
-        except SourceRefused as exc:
-            raise AdapterInvalid(f"redirected to {hop!r}: {exc}") from None
+        except SourceRefused:
+            raise AdapterInvalid(f"redirected to {hop!r}, {OUTSIDE}") from None
 
     base, networks = url.rstrip("/"), policy.networks()
     for name in ADAPTER_FILES:
@@ -137,8 +141,8 @@ def materialize(
     policy, caller = policy or SourcePolicy(), caller or Caller()
     try:
         policy.check_as(source, roots, caller)
-    except SourceRefused as exc:
-        raise AdapterInvalid(str(exc)) from None
+    except SourceRefused:
+        raise AdapterInvalid(f"source {source!r} is {OUTSIDE}") from None
     kind = source_kind(source)
     if kind == "local":
         local = source[len("file://") :] if source.startswith("file://") else source
