@@ -259,6 +259,46 @@ def test_resume_after_restart_runs_only_the_remaining_lines(tmp_path: Path) -> N
     asyncio.run(second_life(asyncio.run(first_life())))
 
 
+class DisconnectingPipeline(FakePipeline):
+    """vLLM's way with a cancelled request: its serving layer catches the cancellation and
+    answers an error ("Client disconnected") instead of raising it."""
+
+    async def _answer(self, body: dict[str, Any]) -> Any:
+        try:
+            return await super()._answer(body)
+        except asyncio.CancelledError:
+            raise ApiError(400, "Client disconnected") from None
+
+
+def test_a_handed_back_job_keeps_its_lines_in_flight_pending(tmp_path: Path) -> None:
+    """A draining replica hands its job back with lines in flight: vLLM answers them
+    "Client disconnected", and they must stay pending for the next replica, not fail."""
+    names = [f"r{i}" for i in range(6)]
+
+    async def first_life() -> str:
+        gates = {name: asyncio.Event() for name in names[3:]}  # never opened
+        pipeline = DisconnectingPipeline(gates)
+        runner = BatchRunner(pipeline, BatchStore(Storage.local(tmp_path)), 2)
+        batch_id = (await start(runner, jsonl(*map(item, names)))).id
+        await wait_for(runner, batch_id, lambda b: counts(b)[1] == 3)
+        while pipeline.in_flight < 2:
+            await asyncio.sleep(0.005)
+        # r3, r4 in flight; a hand-back that took their error answers for results would go
+        # on to r5, which never ends
+        await asyncio.wait_for(runner.hand_back(), 10)
+        await runner.close()
+        return batch_id
+
+    async def second_life(batch_id: str) -> None:
+        runner = BatchRunner(FakePipeline(), BatchStore(Storage.local(tmp_path)), 2)
+        await runner.resume()
+        batch = await wait_for(runner, batch_id)
+        assert batch.status == "completed" and counts(batch) == (6, 6, 0)
+        await runner.close()
+
+    asyncio.run(second_life(asyncio.run(first_life())))
+
+
 class ThreadRecordingStore(BatchStore):
     """Records the thread of every public store call."""
 

@@ -324,7 +324,9 @@ def test_a_rolling_update_drops_nothing_and_loses_nothing(fleet):
     assert len(outcomes) >= 10 and not failed, (len(outcomes), failed[:5], outcomes)
     done = wait_done(client, batch.id, timeout=600)
     assert done.status == "completed", done
-    assert (done.request_counts.total, done.request_counts.completed) == (40, 40)
+    errors = client.files.content(done.error_file_id).text[:2000] if done.error_file_id else ""
+    counts = (done.request_counts.total, done.request_counts.completed)
+    assert counts == (40, 40), (counts, errors)
     output = client.files.content(done.output_file_id).text.splitlines()
     ids = [json.loads(x)["custom_id"] for x in output]
     assert len(ids) == 40 and set(ids) == {f"roll{i}" for i in range(40)}  # each exactly once

@@ -337,6 +337,11 @@ class BatchRunner:
         except EngineUnavailable:
             raise  # not the line's fault: it stays pending and runs when the engine is back
         except ApiError as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # the job was handed back or its lease lost: vLLM answers the cancelled request
+                # with an error ("Client disconnected"); the line stays pending, not failed
+                raise asyncio.CancelledError from None
             status, body, ok = exc.status, exc.body(), False
         except Exception as exc:  # one line's failure never fails the job
             logger.error("batch %s line %r failed: %r", batch_id, item.custom_id, exc)
