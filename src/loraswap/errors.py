@@ -6,6 +6,7 @@ code (middlewares, WebSocket) sends it with :func:`send_http`.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -77,6 +78,16 @@ class EngineUnavailable(ApiError):
 
     def __init__(self, message: str = "the engine is restarting after a failure") -> None:
         super().__init__(503, message, headers={"retry-after": "5"})
+
+
+def raise_if_cancelling() -> None:
+    """Raise CancelledError when this task is being cancelled. vLLM answers a cancelled request
+    with an error ("Client disconnected") instead of raising the cancellation: for background
+    work stopped on purpose (a shadow preempted, a batch job handed back) that error is the
+    cancellation, not the work's failure."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError from None
 
 
 async def send_http(send: Any, exc: ApiError) -> None:

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ..errors import ApiError, EngineUnavailable
+from ..errors import ApiError, EngineUnavailable, raise_if_cancelling
 from ..routes import BATCH_ENDPOINTS
 from ..tenants import CURRENT, Principal
 from ..tenants.principal import ANONYMOUS
@@ -337,11 +337,7 @@ class BatchRunner:
         except EngineUnavailable:
             raise  # not the line's fault: it stays pending and runs when the engine is back
         except ApiError as exc:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                # the job was handed back or its lease lost: vLLM answers the cancelled request
-                # with an error ("Client disconnected"); the line stays pending, not failed
-                raise asyncio.CancelledError from None
+            raise_if_cancelling()  # handed back or its lease lost: the line stays pending
             status, body, ok = exc.status, exc.body(), False
         except Exception as exc:  # one line's failure never fails the job
             logger.error("batch %s line %r failed: %r", batch_id, item.custom_id, exc)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from .. import metrics
 from ..adapters.keys import AdapterKey
 from ..engine_runs import CAPTURE, SOURCE, EngineRun
-from ..errors import ApiError
+from ..errors import ApiError, raise_if_cancelling
 from ..tenants import CURRENT, Principal
 from .store import Comparison, ComparisonStore
 
@@ -168,11 +168,7 @@ class ShadowRunner:
                 registry.slots.release(job.shadow)
             registry.record_request(job.shadow, ok=True)
         except ApiError as exc:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                # aborted for a client: vLLM answers a cancelled request with an error
-                # ("Client disconnected"); it is a preemption, not the shadow's failure
-                raise asyncio.CancelledError from None
+            raise_if_cancelling()  # aborted for a client: a preemption, not the shadow's failure
             error = exc.message
             registry.record_request(job.shadow, ok=False)
         finally:
